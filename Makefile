@@ -1,0 +1,65 @@
+# Cogumi-LLM pipeline. `make help` lists every target. Typical run on a GPU box:
+#   make setup && make train PHASE=1a && make merge validate PHASE=1a
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY ?= .venv/bin/python
+export PYTHONPATH := $(CURDIR)/scripts
+PHASE ?= 1a
+ARGS ?=
+FORCE ?= 0
+RESUME ?= 1
+GPUS ?= 1
+QUANT ?= nf4
+export FORCE RESUME
+
+# The lock: everything resolved as of this date, so transitive drift (pyarrow >= 21 needs numpy 2) cannot creep in.
+EXCLUDE_NEWER := 2024-08-01T00:00:00Z
+UV_VERSION := 0.13.9
+LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes \
+	--exclude-newer $(EXCLUDE_NEWER) --quiet
+export UV_VERSION
+
+.PHONY: help setup lock check demo train merge validate monitor bench bench-train plot test lint bundle quantize clean-demo
+
+help: ## list the targets
+	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
+	@echo "Variables: PHASE=1a|1b|demo  ARGS='train.max_steps=50 ...'  FORCE=1  RESUME=0  GPUS=N  QUANT=nf4|int8"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: ## create .venv from the lock (uv), flash-attn wheel on GPU hosts, then `make check`
+	@bash scripts/setup_env.sh
+
+lock: ## regenerate requirements/*.txt from requirements/*.in (uv pip compile, hashes, fixed date)
+	uv pip compile requirements/base.in $(LOCK_FLAGS) --no-build -o requirements/base.txt
+	uv pip compile requirements/dev.in $(LOCK_FLAGS) --no-build -o requirements/dev.txt
+	uv pip compile requirements/gpu.in $(LOCK_FLAGS) --config-file requirements/uv.toml -o requirements/gpu.txt
+
+check: ## self-check the installed stack against the lock, GPU, bf16, attention, disk
+	$(PY) scripts/check_env.py
+
+demo: ## the whole chain on a tiny model on CPU, in minutes (no download)
+	$(PY) scripts/demo.py $(ARGS)
+
+train: ## train phase PHASE from configs/phase$(PHASE).yaml (resumes automatically; RESUME=0 starts fresh)
+	$(PY) scripts/train_phase1a_fullprecision.py --phase $(PHASE) $(ARGS)
+
+merge: ## merge PHASE's adapter into its bf16 base, shard by shard, verified
+	$(PY) scripts/merge_adapter_fullprecision.py --phase $(PHASE) $(ARGS)
+
+validate: ## MATH and CODE win/tie/loss of PHASE's merged model against its baseline, gated
+	$(PY) scripts/benchmark.py --phase $(PHASE) $(ARGS)
+
+monitor: ## watch disk use of the checkpoint folder (scripts/monitor_disk.py)
+	$(PY) scripts/monitor_disk.py $(ARGS)
+
+bench-train: ## GPU training-step benchmark: fast path vs plain transformers+peft, same process
+	$(PY) scripts/bench_train.py --phase $(PHASE) $(ARGS)
+
+lint: ## ruff
+	$(PY) -m ruff check scripts tests
+
+test: lint ## ruff + pytest (CPU only)
+	$(PY) -m pytest -q tests $(ARGS)

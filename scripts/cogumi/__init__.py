@@ -1,0 +1,1 @@
+"""The small library shared by the entry scripts in scripts/ (imported as `cogumi`)."""

@@ -1,0 +1,48 @@
+"""User-facing errors: one screen, naming the file/key/line and what to do next."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+# Exit codes shared by every entry script, so the Makefile and tests can tell them apart.
+EXIT_OK = 0
+EXIT_FAILED = 1  # the work ran and its result is bad (a gate failed, verification failed)
+EXIT_USER_ERROR = 2  # bad input or environment: nothing was changed on disk
+EXIT_DISK_STOP = 3  # stopped cleanly before the disk filled; resumable
+
+
+class UserError(Exception):
+    """A mistake the user can fix. `what` is one line; `fix` says what to do next."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None):
+        super().__init__(what)
+        self.what = what
+        self.where = where
+        self.fix = fix
+
+    def render(self) -> str:
+        lines = [f"ERROR: {self.what}"]
+        if self.where:
+            lines.append(f"  where: {self.where}")
+        if self.fix:
+            lines.append(f"  fix:   {self.fix}")
+        return "\n".join(lines)
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Run an entry script's main(): user errors print one screen and exit non-zero, no traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        code = main(argv)
+    except UserError as err:
+        print(err.render(), file=sys.stderr)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,95 @@
+"""Guards that make the origin incidents impossible by construction (see ISSUES_LOG.md).
+
+- refuse_quantized_base: the LoRA-on-a-4-bit-base incident (merged model corrupted).
+- require_validated: a phase may only build on a merged model that passed validation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from cogumi.errors import UserError
+from cogumi.safetensors_io import read_header, tensor_entries, weight_files
+
+QUANTIZED_NAME = re.compile(
+    r"(bnb|bitsandbytes|gptq|awq|gguf|exl2|hqq|aqlm|[-_.]?(4|8)[-_]?bit|nf4|fp4|int4|int8|w4a16|w8a8)",
+    re.IGNORECASE,
+)
+# Packed integer dtypes that a bf16/fp16/fp32 checkpoint never stores its linear weights in.
+PACKED_DTYPES = {"U8", "I8", "I32", "U32", "I16", "U16", "F8_E4M3", "F8_E5M2"}
+QUANT_TENSOR_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx", ".absmax", ".quant_map",
+                         ".quant_state", ".nested_absmax", ".SCB", ".weight_format")
+WHY_QUANTIZED = (
+    "A LoRA trained on a quantized base learns to compensate for its rounding; merged into real weights that "
+    "compensation corrupts the model (ISSUES_LOG.md: 'LoRA trained on a 4-bit base')."
+)
+FIX_QUANTIZED = ("use the full-precision (bf16) base, e.g. meta-llama/Meta-Llama-3.1-8B-Instruct; "
+                 "quantize only after merging (`make quantize`)")
+
+
+def quantization_reasons(model: str | Path) -> list[str]:
+    """Every sign that `model` (a hub id or a local folder) is quantized; empty when none is found."""
+    reasons = []
+    name = str(model)
+    match = QUANTIZED_NAME.search(Path(name).name if Path(name).exists() else name)
+    if match:
+        reasons.append(f"its name contains '{match.group(0).strip('-_.')}'")
+    model_dir = Path(model)
+    if not model_dir.is_dir():
+        return reasons
+    config_path = model_dir / "config.json"
+    if config_path.exists():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.get("quantization_config"):
+            method = config["quantization_config"].get("quant_method", "unknown")
+            reasons.append(f"config.json has quantization_config (quant_method={method})")
+    for path in weight_files(model_dir):
+        for tensor, info in tensor_entries(read_header(path)).items():
+            if tensor.endswith(QUANT_TENSOR_SUFFIXES):
+                reasons.append(f"{path.name} holds quantization state tensor '{tensor}'")
+                break
+            if tensor.endswith(".weight") and info.get("dtype") in PACKED_DTYPES:
+                reasons.append(f"{path.name} stores '{tensor}' as packed {info['dtype']}")
+                break
+    return reasons
+
+
+def refuse_quantized_base(model: str | Path, *, role: str = "base model") -> None:
+    """Raise a UserError if `model` is quantized in any form. There is deliberately no override."""
+    reasons = quantization_reasons(model)
+    if reasons:
+        raise UserError(
+            f"the {role} '{model}' is quantized ({'; '.join(reasons)}). {WHY_QUANTIZED}",
+            where=str(model),
+            fix=FIX_QUANTIZED,
+        )
+
+
+VALIDATED_STAMP = "VALIDATED"
+
+
+def require_validated(model_dir: str | Path, *, force: bool = False) -> str | None:
+    """A phase's merged output may be a base only once `make validate` stamped it.
+
+    Returns a warning string when FORCE=1 overrode a missing stamp (the caller records it in the manifest).
+    Hub ids and plain model folders without a Cogumi manifest are not phase outputs and pass.
+    """
+    model_dir = Path(model_dir)
+    manifest = model_dir / "manifest.json"
+    if not (model_dir.is_dir() and manifest.exists()):
+        return None
+    if json.loads(manifest.read_text(encoding="utf-8")).get("kind") != "merged":
+        return None
+    if (model_dir / VALIDATED_STAMP).exists():
+        return None
+    message = f"base '{model_dir}' is a merged phase output without its {VALIDATED_STAMP} stamp"
+    if force:
+        return message + " (FORCE=1 given: continuing)"
+    raise UserError(
+        message + ": it has not passed `make validate`, and training on an unvalidated merge is how the origin "
+        "project built phase 1B on a corrupted phase 1A.",
+        where=str(model_dir),
+        fix="run `make validate PHASE=<previous phase>` first, or pass FORCE=1 to override (recorded in the manifest)",
+    )
