@@ -56,6 +56,9 @@ merge: ## merge PHASE's adapter into its bf16 base, shard by shard, verified
 validate: ## MATH and CODE win/tie/loss of PHASE's merged model against its baseline, gated
 	$(PY) scripts/benchmark.py --phase $(PHASE) $(ARGS)
 
+quantize: ## after merge: a bitsandbytes QUANT=nf4|int8 copy of PHASE's merged model for deployment (GPU)
+	$(PY) scripts/quantize.py --phase $(PHASE) --quant $(QUANT) $(ARGS)
+
 monitor: ## watch disk use of the checkpoint folder (scripts/monitor_disk.py)
 	$(PY) scripts/monitor_disk.py $(ARGS)
 
