@@ -59,8 +59,8 @@ validate: ## MATH and CODE win/tie/loss of PHASE's merged model against its base
 quantize: ## after merge: a bitsandbytes QUANT=nf4|int8 copy of PHASE's merged model for deployment (GPU)
 	$(PY) scripts/quantize.py --phase $(PHASE) --quant $(QUANT) $(ARGS)
 
-monitor: ## watch disk use of the checkpoint folder (scripts/monitor_disk.py)
-	$(PY) scripts/monitor_disk.py $(ARGS)
+monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json" for one reading (exit 0/10/20/30)
+	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/phase$(PHASE) $(ARGS)
 
 bench-train: ## GPU training-step benchmark: fast path vs plain transformers+peft, same process
 	$(PY) scripts/bench_train.py --phase $(PHASE) $(ARGS)
