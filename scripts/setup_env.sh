@@ -8,12 +8,13 @@
 #   SKIP_CHECK=1           do not run scripts/check_env.py at the end
 #   UV_NATIVE_TLS=1        let uv use the system's TLS roots (uv's own defaults work too)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 UV_VERSION="${UV_VERSION:-0.13.9}"
 PYTHON_VERSION=3.11
 VENV=.venv
 FLASH_ATTN_VERSION=2.5.8
+FLASH_ATTN_RELEASES="${FLASH_ATTN_RELEASES:-https://github.com/Dao-AILab/flash-attention/releases/download}"
 LOCKS=(requirements/base.txt requirements/dev.txt requirements/eval.txt)
 T0=$(date +%s.%N)
 
@@ -83,7 +84,7 @@ install_flash_attn() {
   if [ -z "$wheel" ]; then
     name=$(flash_attn_wheel_name) || { echo "[setup] flash-attn: no prebuilt wheel fits ($name); using sdpa"; return; }
     wheel=".cache/wheels/$name"
-    url="https://github.com/Dao-AILab/flash-attention/releases/download/v$FLASH_ATTN_VERSION/${name/+/%2B}"
+    url="$FLASH_ATTN_RELEASES/v$FLASH_ATTN_VERSION/${name/+/%2B}"
     mkdir -p .cache/wheels
     # Bounded: a missing or unreachable wheel must never turn into a 40-minute compile (ISSUES_LOG.md).
     if [ ! -s "$wheel" ] && ! curl -fsSL --connect-timeout 10 --max-time 300 -o "$wheel.part" "$url"; then
@@ -102,11 +103,19 @@ install_flash_attn() {
   "${UV[@]}" pip install --quiet --python "$VENV/bin/python" --no-deps "$wheel" "einops==0.8.0"
 }
 
-step "uv $UV_VERSION" ensure_uv
-step "venv (Python $PYTHON_VERSION)" ensure_venv
-step "sync locked stack" sync_lock
-step "flash-attn (GPU hosts only)" install_flash_attn
-if [ "${SKIP_CHECK:-0}" != 1 ]; then
-  step "self-check (make check)" "$VENV/bin/python" scripts/check_env.py
+main() {
+  step "uv $UV_VERSION" ensure_uv
+  step "venv (Python $PYTHON_VERSION)" ensure_venv
+  step "sync locked stack" sync_lock
+  step "flash-attn (GPU hosts only)" install_flash_attn
+  if [ "${SKIP_CHECK:-0}" != 1 ]; then
+    step "self-check (make check)" "$VENV/bin/python" scripts/check_env.py
+  fi
+  awk -v s="$T0" -v e="$(date +%s.%N)" \
+    'BEGIN { printf "[setup] done in %.1fs. Next: make demo (CPU, minutes) or make train PHASE=1a (GPU).\n", e - s }'
+}
+
+# Sourcing this file (the tests do) defines the steps without running them.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main
 fi
-awk -v s="$T0" -v e="$(date +%s.%N)" 'BEGIN { printf "[setup] done in %.1fs. Next: make demo (CPU, minutes) or make train PHASE=1a (GPU).\n", e - s }'
