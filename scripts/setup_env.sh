@@ -103,11 +103,21 @@ install_flash_attn() {
   "${UV[@]}" pip install --quiet --python "$VENV/bin/python" --no-deps "$wheel" "einops==0.8.0"
 }
 
+install_liger() {
+  # Liger's fused Triton kernels (the fast training path) are pure Python: installed from the GPU lock with hashes.
+  has_nvidia_gpu || return 0
+  local req=.cache/liger-kernel.txt
+  mkdir -p .cache
+  awk '/^liger-kernel==/ {p=1} p && /^[a-z]/ && !/^liger-kernel==/ {p=0} p' requirements/gpu.txt > "$req"
+  "${UV[@]}" pip install --quiet --python "$VENV/bin/python" --no-deps --require-hashes -r "$req"
+}
+
 main() {
   step "uv $UV_VERSION" ensure_uv
   step "venv (Python $PYTHON_VERSION)" ensure_venv
   step "sync locked stack" sync_lock
   step "flash-attn (GPU hosts only)" install_flash_attn
+  step "liger-kernel (GPU hosts only)" install_liger
   if [ "${SKIP_CHECK:-0}" != 1 ]; then
     step "self-check (make check)" "$VENV/bin/python" scripts/check_env.py
   fi
