@@ -68,4 +68,5 @@ def test_quantize_without_a_gpu_says_so_in_one_line_and_fails(tmp_path, run_scri
     config.write_text(f"name: phaseq\noutput_root: {tmp_path}\n")
     result = run_script("quantize.py", "--phase", str(config), "--quant", "int8")
     assert result.returncode == 2
-    assert result.stdout.strip() == "quantize needs an NVIDIA GPU (bitsandbytes quantizes on CUDA); none is visible here."
+    one_line = "quantize needs an NVIDIA GPU (bitsandbytes quantizes on CUDA); none is visible here."
+    assert result.stdout.strip() == one_line

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -176,6 +177,9 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
     return cls(**kwargs)
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _check_type(value, hint, key: str, source: str):
     """Accept the YAML value when it fits the annotation; ints pass for floats."""
     text = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
@@ -184,6 +188,9 @@ def _check_type(value, hint, key: str, source: str):
         if "None" in names or "Any" in names:
             return None
         raise UserError(f"'{key}' may not be null", where=source, fix=f"give '{key}' a value of type {text}")
+    if "float" in names and isinstance(value, str) and _FLOAT.match(value.strip()):
+        # PyYAML (YAML 1.1) reads 2e-4 as a string; only 2.0e-4 is a float there. Accept what users write.
+        return float(value)
     simple = {"int": int, "float": (int, float), "bool": bool, "str": str, "dict": dict, "list": list}
     wanted = [simple[name] for name in names if name in simple]
     if "Any" in names or not wanted:
