@@ -1,0 +1,85 @@
+"""Train any phase's LoRA from its config, on a full-precision (bf16) base, resuming automatically.
+
+    make train PHASE=1a
+    make train PHASE=1a ARGS="train.max_steps=50 lora.r=8"
+    python scripts/train_phase1a_fullprecision.py --phase 1b train.learning_rate=1e-4
+
+Environment: RESUME=0 moves an existing run folder aside and starts fresh (nothing is deleted); FORCE=1 lets a base
+without its VALIDATED stamp through (recorded in the adapter's manifest) and a changed config resume a checkpoint.
+The name is the original project's; it trains every phase. Exit codes: 0 done, 2 user error, 3 disk stop (resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from cogumi.config import load_config, phase_config_path, save_resolved
+from cogumi.data import build_data, read_data
+from cogumi.disk import estimate_checkpoint_bytes, preflight, sidecar
+from cogumi.errors import EXIT_OK, run_main
+from cogumi.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
+from cogumi.plots import plot_loss
+from cogumi.trainer import TRAIN_LOG, Trainer, export_adapter, finished_adapter, make_plan, prepare_run_dir, summary
+
+log = logging.getLogger("train")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phase", default="1a", help="1a, 1b, demo, or a path to a YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=50")
+    return parser.parse_args(argv)
+
+
+def env_flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip() not in {"", "0", "false", "no"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    force, fresh = env_flag("FORCE", "0"), not env_flag("RESUME", "1")
+    config = load_config(phase_config_path(args.phase), args.overrides)
+    runtime = resolve_runtime(config.train, packing=config.data.packing)
+    log.info("config %s -> outputs in %s\n%s", args.phase, config.run_dir, _resolved_yaml(config))
+
+    rows = read_data(config.data)  # a missing or malformed data file fails in seconds, not after a 16 GB download
+    base = build_base(config, force=force)  # refuses quantized / unvalidated bases before any weight loads
+    resume_from = prepare_run_dir(config, fresh=fresh)  # after the guards: a refused run moves nothing aside
+    save_resolved(config, config.run_dir / "config.resolved.yaml")
+    tokenizer = build_tokenizer(base)
+    # The scheduler needs the step count, which needs the tokenized data: data before the trainer.
+    batches, _stats = build_data(config.data, rows, tokenizer, micro_batch_size=config.train.micro_batch_size,
+                                 seed=config.train.seed, mask_dtype=runtime.dtype, rank=runtime.rank,
+                                 world_size=runtime.world_size)
+    plan = make_plan(config, batches, runtime.world_size)
+    log.info("%s", plan.describe())
+    if resume_from is not None and (done := finished_adapter(config, plan.total_steps)):
+        log.info("this run already finished (%d steps, final loss %s): %s; RESUME=0 trains again",
+                 done["steps"], done.get("final_loss"), config.adapter_dir)
+        return EXIT_OK
+
+    model = build_model(config, base, runtime)
+    estimate = estimate_checkpoint_bytes(sum(p.numel() for p in trainable_parameters(model)))
+    preflight(config, checkpoint_bytes_estimate=estimate, merged_bytes_estimate=base.weights_bytes)
+    trainer = Trainer(config, model, batches, runtime, plan, checkpoint_estimate=estimate)
+    if resume_from is not None:
+        trainer.resume(resume_from, force=force)
+    with sidecar(config):
+        result = trainer.fit()
+
+    adapter = export_adapter(config, model, base, runtime, result)
+    plot = plot_loss(config.run_dir / TRAIN_LOG, config.run_dir / "loss.png", title=config.name)
+    print(summary(config, result, adapter, plot))
+    return EXIT_OK
+
+
+def _resolved_yaml(config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None).rstrip()
+
+
+if __name__ == "__main__":
+    run_main(main)
