@@ -21,7 +21,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench bench-train plot test lint bundle quantize clean-demo
+.PHONY: help setup lock check demo train merge validate monitor bench-train bench-merge test lint bundle quantize
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -65,6 +65,15 @@ monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json"
 
 bench-train: ## GPU training-step benchmark: fast path vs plain transformers+peft, same process
 	$(PY) scripts/bench_train.py --phase $(PHASE) $(ARGS)
+
+BUNDLE ?= dist/cogumi-llm.tar.gz
+BUNDLE_FILES := Makefile README.md ISSUES_LOG.md pyproject.toml .gitignore .ci requirements scripts configs data docs \
+	tests checkpoints/.gitkeep
+bundle: ## one archive with everything a fresh GPU instance needs (no checkpoints, no .venv): $(BUNDLE)
+	@mkdir -p $(dir $(BUNDLE))
+	@tar -czf $(BUNDLE).partial --exclude=__pycache__ --exclude='*.pyc' $(BUNDLE_FILES) && mv $(BUNDLE).partial $(BUNDLE)
+	@echo "wrote $(BUNDLE) ($$(du -h $(BUNDLE) | cut -f1)). On the GPU box:"
+	@echo "  scp $(BUNDLE) gpu-box:/workspace/ && ssh gpu-box 'cd /workspace && mkdir -p cogumi && tar -xzf $(notdir $(BUNDLE)) -C cogumi && cd cogumi && make setup'"
 
 lint: ## ruff
 	$(PY) -m ruff check scripts tests

@@ -16,6 +16,9 @@ import argparse
 import logging
 import os
 import time
+
+# The code judge forks worker processes after the tokenizer ran; tokenizers' threads cannot survive a fork.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from dataclasses import dataclass
 from pathlib import Path
 

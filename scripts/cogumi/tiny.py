@@ -57,8 +57,13 @@ def build_tokenizer(corpus: Iterable[str] = DEFAULT_CORPUS, vocab_size: int = 38
 
 
 def build_model(tokenizer, *, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                intermediate_size: int = 128, max_positions: int = 1024, seed: int = 0, dtype=None):
-    """A randomly initialised LlamaForCausalLM sized for the tokenizer."""
+                intermediate_size: int = 128, max_positions: int = 1024, seed: int = 0, dtype=None,
+                output_gain: float = 1.0):
+    """A randomly initialised LlamaForCausalLM sized for the tokenizer.
+
+    `output_gain` scales lm_head. LoRA on all linear layers leaves lm_head and the final norm frozen, so with the
+    default init (std 0.02) every logit of a tiny model stays below ~2 and no fine-tune can become confident.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,6 +78,9 @@ def build_model(tokenizer, *, hidden_size: int = 64, layers: int = 2, heads: int
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if output_gain != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(output_gain)
     if dtype is not None:
         model = model.to(dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
