@@ -29,7 +29,7 @@ SCRIPTS = Path(__file__).resolve().parent
 # The tiny base: big enough to learn the demo's rules from 1200 rows in a few hundred CPU steps.
 BASE_SPEC = {"vocab_size": 512, "hidden_size": 128, "layers": 4, "heads": 4, "kv_heads": 2,
              "intermediate_size": 256, "output_gain": 10.0, "seed": 0, "dtype": "bfloat16",
-             "data": "data/demo/train.jsonl"}
+             "max_shard_size": "1MB", "data": "data/demo/train.jsonl"}
 BASE_SPEC_FILE = "demo_base.json"
 
 
@@ -65,7 +65,7 @@ def build_base(base_dir: Path, train_path: Path) -> None:
     save_tiny_model(tmp, corpus=corpus(rows), vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
                     layers=spec["layers"], heads=spec["heads"], kv_heads=spec["kv_heads"],
                     intermediate_size=spec["intermediate_size"], output_gain=spec["output_gain"],
-                    seed=spec["seed"], dtype=torch.bfloat16)
+                    seed=spec["seed"], dtype=torch.bfloat16, max_shard_size=spec["max_shard_size"])
     atomic_write_json(tmp / BASE_SPEC_FILE, spec)
     os.replace(tmp, base_dir)
     print(f"[demo] base: built a tiny bf16 Llama in {base_dir}")
@@ -98,10 +98,12 @@ def summary(config) -> str:
              f"  merge report    {config.merged_dir / 'merge_report.json'}",
              f"  win/tie/loss    {config.validation_dir / 'wtl.png'}",
              f"  full report     {config.validation_dir / 'report.md'}"]
-    for task, row in (report.get("tasks") or {}).items():
-        pct = row.get("percent", row)
-        lines.append(f"  {task:5s} wins {pct.get('win', 0):5.1f}%  ties {pct.get('tie', 0):5.1f}%  "
-                     f"losses {pct.get('loss', 0):5.1f}%  McNemar p={row.get('mcnemar_p', row.get('p_value'))}")
+    for task in config.validate.tasks:
+        row = report["tasks"][task]
+        pct = row["pct"]
+        lines.append(f"  {task:5s} wins {pct['win']:5.1f}%  ties {pct['tie']:5.1f}%  losses {pct['loss']:5.1f}%  "
+                     f"McNemar p={row['mcnemar_p']:.2g}  (n={row['n']})")
+    lines.append(f"  gates: {'all passed, VALIDATED' if report['passed'] else 'FAILED'}")
     return "\n".join(lines)
 
 
