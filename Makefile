@@ -75,6 +75,9 @@ bundle: ## one archive with everything a fresh GPU instance needs (no checkpoint
 	@echo "wrote $(BUNDLE) ($$(du -h $(BUNDLE) | cut -f1)). On the GPU box:"
 	@echo "  scp $(BUNDLE) gpu-box:/workspace/ && ssh gpu-box 'cd /workspace && mkdir -p cogumi && tar -xzf $(notdir $(BUNDLE)) -C cogumi && cd cogumi && make setup'"
 
+bench-merge: ## merge benchmark: streaming merge vs peft merge_and_unload (random 0.85B; ARGS="--size 8b --device cuda")
+	$(PY) scripts/bench_merge.py $(ARGS)
+
 bench-quantize: ## GPU: size, load time and generation speed of bf16 vs nf4/int8 on real Llama shapes
 	$(PY) scripts/bench_quantize.py $(ARGS)
 
