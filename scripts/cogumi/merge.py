@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from cogumi import fsutil
+from cogumi import fsutil, hub
 from cogumi.config import resolve_path
 from cogumi.errors import UserError
 from cogumi.guards import FIX_QUANTIZED, WHY_QUANTIZED, quantization_reasons, refuse_quantized_base
@@ -107,9 +107,11 @@ class Shard:
 
 
 def resolve_base(spec: str) -> Path:
-    """The base as a local folder. One place to switch to the trainer's hub resolution (cogumi.model)."""
-    path = Path(spec).expanduser()
-    folder = path if path.is_absolute() else resolve_path(spec)
+    """The base as a local folder: a path, or a hub id resolved through the hub cache the trainer filled."""
+    refuse_quantized_base(spec)  # a quantized name is refused before anything is fetched
+    folder = hub.local_folder(spec)
+    if folder is None:
+        return hub.download(spec)
     if not folder.is_dir():
         raise UserError(f"base model folder not found: {folder}", where="base_model",
                         fix="set base_model to the local folder of the model the adapter was trained on")
