@@ -29,6 +29,7 @@ from pathlib import Path
 
 from cogumi.errors import UserError
 from cogumi.evaltypes import Problem
+from cogumi.fsutil import iter_jsonl
 from cogumi.judge_math import last_boxed
 
 log = logging.getLogger(__name__)
@@ -187,22 +188,13 @@ def load_jsonl(path: Path) -> list[Problem]:
         raise UserError(f"eval data file {path} does not exist", where=str(path),
                         fix=f"give a built-in source ({', '.join(SOURCES)}) or a JSONL file, {JSONL_SCHEMA}")
     problems, seen = [], {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"not valid JSON ({exc.msg}, column {exc.colno})", where=where,
-                                fix=JSONL_SCHEMA) from None
-            problem = _jsonl_row(row, where)
-            if problem.id in seen:
-                raise UserError(f"duplicate id {problem.id!r} (first on line {seen[problem.id]})", where=where,
-                                fix="give every row its own id")
-            seen[problem.id] = lineno
-            problems.append(problem)
+    for where, row in iter_jsonl(path, fix=JSONL_SCHEMA):
+        problem = _jsonl_row(row, where)
+        if problem.id in seen:
+            raise UserError(f"duplicate id {problem.id!r} (first at {seen[problem.id]})", where=where,
+                            fix="give every row its own id")
+        seen[problem.id] = where
+        problems.append(problem)
     if not problems:
         raise UserError("the eval data file has no rows", where=str(path), fix=JSONL_SCHEMA)
     return problems

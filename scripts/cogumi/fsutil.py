@@ -73,3 +73,27 @@ def free_bytes(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+def iter_jsonl(path: Path, *, fix: str):
+    """Yield (`file:line`, row) for each non-blank line of a JSONL file (gzip when it ends in .gz).
+
+    A line that is not JSON is a UserError naming the file and line, with `fix` saying what a row should be.
+    """
+    import gzip
+
+    from cogumi.errors import UserError
+
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"line {lineno} is not valid JSON ({err.msg}, column {err.colno})", where=where,
+                                fix=fix) from None
+            yield where, row

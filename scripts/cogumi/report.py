@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from cogumi.errors import UserError
-from cogumi.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
+from cogumi.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_jsonl
 from cogumi.pairing import OUTCOMES, GateResult, describe_gate, unreachable
 
 log = logging.getLogger(__name__)
@@ -142,27 +142,18 @@ def read_baseline_samples(path: Path) -> dict[tuple[str, str], dict]:
         raise UserError(f"baseline samples file not found: {path}", where=str(path),
                         fix="give a model folder, or a samples.jsonl from an earlier `make validate`")
     rows = {}
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"baseline samples line is not JSON: {err.msg}", where=where,
-                                fix="each line must be one JSON object") from err
-            output = row.get("output")
-            if output is None and isinstance(row.get("candidate"), dict):
-                output = row["candidate"].get("output")
-            if not isinstance(output, str) or "task" not in row or "id" not in row:
-                raise UserError("baseline sample needs task, id and output (or candidate.output)", where=where,
-                                fix="use a samples.jsonl written by `make validate`, or rows {task, id, output}")
-            key = (str(row["task"]), str(row["id"]))
-            if key in rows:
-                raise UserError(f"duplicate baseline sample {key[0]}/{key[1]}", where=where,
-                                fix="keep one row per task and problem id")
-            rows[key] = {"output": output, "prompt": row.get("prompt")}
+    for where, row in iter_jsonl(path, fix="each line must be one JSON object"):
+        output = row.get("output")
+        if output is None and isinstance(row.get("candidate"), dict):
+            output = row["candidate"].get("output")
+        if not isinstance(output, str) or "task" not in row or "id" not in row:
+            raise UserError("baseline sample needs task, id and output (or candidate.output)", where=where,
+                            fix="use a samples.jsonl written by `make validate`, or rows {task, id, output}")
+        key = (str(row["task"]), str(row["id"]))
+        if key in rows:
+            raise UserError(f"duplicate baseline sample {key[0]}/{key[1]}", where=where,
+                            fix="keep one row per task and problem id")
+        rows[key] = {"output": output, "prompt": row.get("prompt")}
     log.info("read %d stored baseline samples from %s", len(rows), path)
     return rows
 
