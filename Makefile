@@ -48,8 +48,10 @@ check: ## self-check the installed stack against the lock, GPU, bf16, attention,
 demo: ## the whole chain on a tiny model on CPU, in minutes (no download)
 	$(PY) scripts/demo.py $(ARGS)
 
-train: ## train phase PHASE from configs/phase$(PHASE).yaml (resumes automatically; RESUME=0 starts fresh)
-	$(PY) scripts/train_phase1a_fullprecision.py --phase $(PHASE) $(ARGS)
+# GPUS=N > 1 launches the same script under torchrun (DDP); the effective batch stays the config's (docs/MULTI_GPU.md).
+LAUNCH = $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
+train: ## train phase PHASE (resumes automatically; RESUME=0 starts fresh; GPUS=N: N GPUs with DDP)
+	$(LAUNCH) scripts/train_phase1a_fullprecision.py --phase $(PHASE) $(ARGS)
 
 merge: ## merge PHASE's adapter into its bf16 base, shard by shard, verified
 	$(PY) scripts/merge_adapter_fullprecision.py --phase $(PHASE) $(ARGS)

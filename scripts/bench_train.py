@@ -3,6 +3,7 @@
     make bench-train PHASE=1a                       # GPU: 8B shape, seq = the phase's max_seq_len
     python scripts/bench_train.py --shape tiny      # CPU: tiny Llama, seconds (what `make test` runs)
     python scripts/bench_train.py --variants explore --out-dir DIR   # every variant of docs/PERFORMANCE.md
+    python scripts/bench_train.py --ddp --gpus 2 --out-dir DIR       # 1 GPU vs 2 GPUs with DDP (scripts/bench_ddp.sh)
 
 Builds the phase's architecture with random weights directly on the device (no download; speed and memory do not
 depend on the weights), adds LoRA (the phase's r and alpha, all linear layers), and times exactly
@@ -357,8 +358,118 @@ def run_ceiling(spec: dict) -> dict:
             "versions": _versions(), "date": dt.date.today().isoformat()}
 
 
+def run_ddp_worker(spec: dict) -> dict | None:
+    """One rank of `--ddp`: the trainer's optimizer step (cogumi.step.accumulate, DDP through cogumi.trainer._wrap,
+    clip, fused AdamW) on the phase's shape with the fast path; rank 0 returns the timings, the others None."""
+    import torch
+    import torch.distributed as dist
+
+    from cogumi.fastpath import apply_fast_path, set_checkpointing
+    from cogumi.model import Runtime
+    from cogumi.step import accumulate
+    from cogumi.trainer import _wrap
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = spec["device"] == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    applied = apply_fast_path("auto", device.type)
+    model = add_lora(build_model(spec["shape"], device, dtype), spec["r"], spec["alpha"], 0.0, spec["target_modules"])
+    layers = set_checkpointing(model, int(spec["ckpt"]))
+    model.train()
+    engine, no_sync = _wrap(model, Runtime(device=device, dtype=dtype, attention="sdpa", rank=rank, world_size=world))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+    micro, accum, seq = int(spec["micro_batch"]), int(spec["accum"]), int(spec["seq"])
+    gen = torch.Generator().manual_seed(1234 + rank)
+    ids = torch.randint(0, model.config.vocab_size, (micro, seq), generator=gen).to(device)
+    batch = {"input_ids": ids, "labels": ids}
+
+    def optimizer_step():
+        loss = accumulate(engine, (batch for _ in range(accum)), accum, no_sync)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(spec["warmup"]):
+        optimizer_step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    if world > 1:
+        dist.barrier()
+    step_s = []
+    for _ in range(spec["steps"]):
+        t = time.perf_counter()
+        loss = optimizer_step()
+        if cuda:
+            torch.cuda.synchronize()  # per step: the all-reduce is inside the step, its wait must be counted
+        step_s.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(device) / GIB if cuda else None
+    median = sorted(step_s)[len(step_s) // 2]
+    out = {"variant": f"ddp-{world}", "world_size": world, "micro_batch": micro, "accum": accum, "seq": seq,
+           "checkpoint_layers": len(layers), "tokens_per_step_per_gpu": micro * accum * seq,
+           "step_s_median": round(median, 4), "step_s": [round(x, 4) for x in step_s],
+           "tokens_per_s_per_gpu": round(micro * accum * seq / median, 1),
+           "tokens_per_s_total": round(world * micro * accum * seq / median, 1),
+           "peak_gib": None if peak is None else round(peak, 2), "loss": float(loss), "applied": applied,
+           **_device_info(device), "versions": _versions(), "date": dt.date.today().isoformat()}
+    if world > 1:
+        dist.barrier()  # leave together (a rank that exits first can hang its peer's teardown)
+        dist.destroy_process_group()
+    return out if rank == 0 else None
+
+
+def ddp_bench(args, config, device: str, out_dir: Path) -> int:
+    """`--ddp`: the trainer's optimizer step on 1 process and on --gpus processes (torchrun), tokens/s per GPU."""
+    shape = args.shape or ("8b" if device == "cuda" else "tiny")
+    spec = {"device": device, "dtype": "bfloat16" if device == "cuda" else "float32", "shape": shape,
+            "seq": args.seq or (config.data.max_seq_len if shape == "8b" else 64), "r": config.lora.r,
+            "alpha": config.lora.alpha, "target_modules": config.lora.target_modules, "micro_batch": args.micro,
+            "accum": args.accum, "ckpt": args.ckpt_layers if shape == "8b" else 0,
+            "steps": args.steps or (5 if shape == "8b" else 2), "warmup": args.warmup}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+           "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    results = []
+    for n in (1, args.gpus):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+               str(Path(__file__).resolve()), "--worker", "ddp", "--spec", json.dumps(spec)]
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            row = json.loads(lines[-1][len("RESULT "):]) if lines else \
+                {"variant": f"ddp-{n}", "error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"}
+        except subprocess.TimeoutExpired:
+            row = {"variant": f"ddp-{n}", "error": f"timed out after {args.timeout:.0f} s"}
+        results.append(row)
+        print(json.dumps({k: row.get(k) for k in ("variant", "tokens_per_s_per_gpu", "tokens_per_s_total",
+                                                  "step_s_median", "peak_gib", "error")}), flush=True)
+    one, many = results
+    summary = {"one_gpu_tokens_per_s": one.get("tokens_per_s_per_gpu"), "gpus": args.gpus,
+               "per_gpu_tokens_per_s": many.get("tokens_per_s_per_gpu"),
+               "scaling_per_gpu": round(many["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"], 3)
+               if "error" not in one and "error" not in many else None, "spec": spec, "results": results,
+               "command": "python scripts/bench_train.py " + " ".join(sys.argv[1:])}
+    path = out_dir / f"bench_ddp-{shape}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    print("SUMMARY " + json.dumps({k: summary[k] for k in ("one_gpu_tokens_per_s", "per_gpu_tokens_per_s",
+                                                            "scaling_per_gpu")} | {"out": str(path)}), flush=True)
+    return 0 if summary["scaling_per_gpu"] is not None else 1
+
+
 def worker_main(kind: str, spec_json: str) -> int:
     spec = json.loads(spec_json)
+    if kind == "ddp":  # under torchrun: no catch-all, a failed rank must fail the launch
+        result = run_ddp_worker(spec)
+        if result is not None:
+            print("RESULT " + json.dumps(result), flush=True)
+        return 0
     try:
         result = run_ceiling(spec) if kind == "ceiling" else run_variant(spec)
     except Exception as err:  # noqa: BLE001 - reported to the parent as a failed variant
@@ -430,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per variant")
     parser.add_argument("--out-dir", default=None, help="default: checkpoints/bench_train/")
     parser.add_argument("--profile", default="", help="variant names to profile one step of (CUDA)")
+    parser.add_argument("--ddp", action="store_true",
+                        help="several GPUs: the trainer's optimizer step on 1 and on --gpus processes (DDP)")
+    parser.add_argument("--gpus", type=int, default=2, help="--ddp: processes of the second run")
+    parser.add_argument("--micro", type=int, default=2, help="--ddp: micro-batch (8B at 29 GiB: 2, PERFORMANCE.md)")
+    parser.add_argument("--accum", type=int, default=4, help="--ddp: accumulation steps per optimizer step")
+    parser.add_argument("--ckpt-layers", type=int, default=11, help="--ddp: checkpointed layers (8B shape)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--spec", default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -457,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (6 if shape == "8b" else 3)
     out_dir = Path(args.out_dir) if args.out_dir else resolve_path("checkpoints") / "bench_train"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.ddp:
+        return ddp_bench(args, config, device, out_dir)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_path = out_dir / f"bench_train-{phase_name}-{shape}-{stamp}.jsonl"
     profiled = {n.strip() for n in args.profile.split(",") if n.strip()}

@@ -3,10 +3,13 @@
     make train PHASE=1a
     make train PHASE=1a ARGS="train.max_steps=50 lora.r=8"
     python scripts/train_phase1a_fullprecision.py --phase 1b train.learning_rate=1e-4
+    make train PHASE=1a GPUS=2      # torchrun --standalone --nproc_per_node 2: DDP, same effective batch (MULTI_GPU.md)
 
 Environment: RESUME=0 moves an existing run folder aside and starts fresh (nothing is deleted); FORCE=1 lets a base
 without its VALIDATED stamp through (recorded in the adapter's manifest) and a changed config resume a checkpoint.
-The name is the original project's; it trains every phase. Exit codes: 0 done, 2 user error, 3 disk stop (resumable).
+
+The name is the original project's; it trains every phase. Exit codes: 0 done, 2 user error, 3 disk stop (resumable);
+under torchrun a failed rank makes torchrun exit 1 (the rank's own message and code are in its log).
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from contextlib import nullcontext
 
+from cogumi import distributed
 from cogumi.config import load_config, phase_config_path, save_resolved
-from cogumi.data import build_data, read_data
+from cogumi.data import encode_data, read_data
 from cogumi.disk import estimate_checkpoint_bytes, preflight, sidecar
 from cogumi.errors import EXIT_OK, run_main
+from cogumi.layout import choose_layout, read_saved_layout
 from cogumi.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
 from cogumi.plots import plot_loss
 from cogumi.trainer import TRAIN_LOG, Trainer, export_adapter, finished_adapter, make_plan, prepare_run_dir, summary
@@ -42,18 +48,22 @@ def main(argv: list[str] | None = None) -> int:
     force, fresh = env_flag("FORCE", "0"), not env_flag("RESUME", "1")
     config = load_config(phase_config_path(args.phase), args.overrides)
     runtime = resolve_runtime(config.train, packing=config.data.packing)
-    log.info("config %s -> outputs in %s\n%s", args.phase, config.run_dir, _resolved_yaml(config))
+    with distributed.session(runtime):  # torchrun (GPUS=N): one process per GPU; nothing to join with one
+        return train(config, runtime, args.phase, force=force, fresh=fresh)
 
+
+def train(config, runtime, phase: str, *, force: bool, fresh: bool) -> int:
+    log.info("config %s -> outputs in %s\n%s", phase, config.run_dir, _resolved_yaml(config))
     rows = read_data(config.data)  # a missing or malformed data file fails in seconds, not after a 16 GB download
     base = build_base(config, force=force)  # refuses quantized / unvalidated bases before any weight loads
-    resume_from = prepare_run_dir(config, fresh=fresh)  # after the guards: a refused run moves nothing aside
-    save_resolved(config, config.run_dir / "config.resolved.yaml")
+    # After the guards, so a refused run moves nothing aside. Rank 0 alone touches the run folder and picks the
+    # checkpoint; every rank resumes from the path it broadcasts.
+    resume_from = distributed.on_main(prepare_run_dir, config, fresh=fresh)
+    distributed.on_main(save_resolved, config, config.run_dir / "config.resolved.yaml")
     tokenizer = build_tokenizer(base)
-    # The scheduler needs the step count, which needs the tokenized data: data before the trainer.
-    batches, _stats = build_data(config.data, rows, tokenizer, micro_batch_size=config.train.micro_batch_size,
-                                 seed=config.train.seed, mask_dtype=runtime.dtype, rank=runtime.rank,
-                                 world_size=runtime.world_size)
-    plan = make_plan(config, batches, runtime.world_size)
+    encoded = encode_data(config.data, rows, tokenizer, seed=config.train.seed, mask_dtype=runtime.dtype)
+    # The step count depends on the data size and the effective batch only, so it is known before the model loads.
+    plan = make_plan(config, len(encoded.items))
     log.info("%s", plan.describe())
     if resume_from is not None and (done := finished_adapter(config, plan.total_steps)):
         log.info("this run already finished (%d steps, final loss %s): %s; RESUME=0 trains again",
@@ -61,18 +71,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
     model = build_model(config, base, runtime)
+    # The layout (micro-batch, accumulation, checkpointed layers) may come from a memory probe of the model, and
+    # the batch stream needs it: model, then layout, then batches.
+    layout = choose_layout(config, model, runtime, plan.effective_batch, encoded.collate,
+                           saved=read_saved_layout(resume_from))
+    log.info("%s", layout.describe())
+    batches = encoded.batches(layout.micro_batch_size, rank=runtime.rank, world_size=runtime.world_size,
+                              grad_accum=layout.grad_accum)
     estimate = estimate_checkpoint_bytes(sum(p.numel() for p in trainable_parameters(model)))
-    preflight(config, checkpoint_bytes_estimate=estimate, merged_bytes_estimate=base.weights_bytes)
-    trainer = Trainer(config, model, batches, runtime, plan, checkpoint_estimate=estimate)
+    distributed.on_main(preflight, config, checkpoint_bytes_estimate=estimate,
+                        merged_bytes_estimate=base.weights_bytes)
+    trainer = Trainer(config, model, batches, runtime, plan, layout, checkpoint_estimate=estimate)
     if resume_from is not None:
         trainer.resume(resume_from, force=force)
-    with sidecar(config):
+    with sidecar(config) if runtime.is_main else nullcontext():  # one disk monitor per run, on rank 0
         result = trainer.fit()
+    distributed.on_main(finish, config, model, base, runtime, result)
+    return EXIT_OK
 
+
+def finish(config, model, base, runtime, result) -> None:
+    """Rank 0: the adapter, the loss plot and the one-screen summary."""
     adapter = export_adapter(config, model, base, runtime, result)
     plot = plot_loss(config.run_dir / TRAIN_LOG, config.run_dir / "loss.png", title=config.name)
     print(summary(config, result, adapter, plot))
-    return EXIT_OK
 
 
 def _resolved_yaml(config) -> str:

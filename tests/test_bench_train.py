@@ -230,3 +230,58 @@ def test_useful_flops_for_llama_8b():
     lora = 16 * layers * ((h + h) * 2 + (h + kv) * 2 + 3 * (h + i))
     flops = useful_flops_per_token(frozen, lora, layers, h, 2048)
     assert flops / 1e9 == pytest.approx(31.88, abs=0.01)
+
+
+def test_lm_head_as_lora_target_is_trained_by_the_fast_path(fast_path):
+    """lm_head targeted by LoRA: the fast path must give plain peft's loss and lm_head LoRA gradients.
+
+    The chunked loss used lm_head.weight directly, so a LoRA on lm_head took no part in the loss (its gradients
+    were None and the loss was that of the base head): the adapter trained everything but the layer asked for.
+    """
+    from cogumi import fastpath
+
+    batch = _batch()
+    targets = ["q_proj", "v_proj", "lm_head"]
+    fastpath.remove_fast_path()
+    plain = bench_lora(targets)
+    plain_loss, plain_grads = _loss_and_grads(plain, batch)
+    assert any("lm_head" in name for name in plain_grads)
+    fastpath.apply_fast_path("off", "cpu")
+    fast_loss, fast_grads = _loss_and_grads(bench_lora(targets), batch)
+    assert fast_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain_grads.keys() == fast_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+    # and it learns through lm_head's LoRA alone: a few steps lower the loss as much as plain peft does
+    def train(model):
+        for name, param in model.named_parameters():
+            param.requires_grad_("lm_head" in name and "lora_" in name)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        losses = []
+        for _ in range(5):
+            loss, _ = _loss_and_grads_keep(model, batch)
+            opt.step()
+            losses.append(loss)
+        return losses
+
+    fast_losses = train(bench_lora(targets))
+    fastpath.remove_fast_path()
+    plain_losses = train(bench_lora(targets))
+    fastpath.apply_fast_path("off", "cpu")
+    assert fast_losses[-1] < fast_losses[0] - 1e-3
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-4)
+
+
+def bench_lora(targets):
+    import bench_train
+
+    model = bench_train.build_model("tiny", torch.device("cpu"), torch.float32, seed=0)
+    return bench_train.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=targets)
+
+
+def _loss_and_grads_keep(model, batch):
+    from cogumi.step import train_step
+
+    model.zero_grad(set_to_none=True)
+    return float(train_step(model, batch, 1.0)), None

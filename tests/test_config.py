@@ -7,7 +7,9 @@ import pytest
 from cogumi.config import CONFIG_DIR, PhaseConfig, load_config, phase_config_path
 from cogumi.errors import UserError
 
-SHIPPED = sorted(CONFIG_DIR.rglob("*.y*ml"))
+ACCELERATE_DIR = CONFIG_DIR / "accelerate"  # accelerate's own launcher configs, not phase configs
+SHIPPED = sorted(p for p in CONFIG_DIR.rglob("*.y*ml") if ACCELERATE_DIR not in p.parents)
+ACCELERATE = sorted(ACCELERATE_DIR.rglob("*.y*ml"))
 
 
 def test_configs_exist():
@@ -99,3 +101,36 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     assert load_config(path, ["train.learning_rate=1e-4"]).train.learning_rate == 1e-4
     with pytest.raises(UserError, match="train.learning_rate"):
         load_config(path, ["train.learning_rate=fast"])
+
+
+def test_phase_configs_use_the_fast_path_layout():
+    for phase in ("1a", "1b"):
+        train = load_config(phase_config_path(phase)).train
+        assert train.checkpoint_layers == "auto" and train.memory_budget_gib is None
+        assert load_config(phase_config_path(phase)).lora.dropout == 0.0  # the fused bf16 LoRA needs 0
+
+
+@pytest.mark.parametrize("override, key", [("train.checkpoint_layers=some", "train.checkpoint_layers"),
+                                            ("train.checkpoint_layers=-1", "train.checkpoint_layers"),
+                                            ("train.memory_budget_gib=40", "train.memory_budget_gib"),
+                                            ("train.grad_accum=0", "train.grad_accum")])
+def test_impossible_layout_settings_fail_at_load(tmp_path, override, key):
+    path = tmp_path / "t.yaml"
+    path.write_text("train:\n  checkpoint_layers: all\n")
+    with pytest.raises(UserError, match=key.replace(".", "[.]")):
+        load_config(path, [override])
+    with pytest.raises(UserError, match="gradient_checkpointing"):
+        load_config(path, ["train.gradient_checkpointing=false", "train.checkpoint_layers=8"])
+    assert load_config(path, ["train.checkpoint_layers=auto", "train.memory_budget_gib=40"]).train.memory_budget_gib \
+        == 40.0
+
+
+def test_accelerate_configs_are_fsdp_recipes():
+    import yaml
+
+    assert len(ACCELERATE) > 0
+    for path in ACCELERATE:
+        text = path.read_text(encoding="utf-8")
+        assert text.startswith("#") and "accelerate launch" in text.split("\n\n")[0], path
+        values = yaml.safe_load(text)
+        assert values["distributed_type"] == "FSDP" and values["fsdp_config"]["fsdp_use_orig_params"] is True

@@ -47,7 +47,9 @@ class LoraConfig:
 class TrainConfig:
     max_steps: int | None = None  # null: derived from epochs and the data size
     epochs: float = 1.0
-    micro_batch_size: int = 4
+    # micro_batch_size x grad_accum is the effective batch (examples per optimizer step), whatever the number of
+    # processes: with N GPUs each accumulates grad_accum / N micro-batches (docs/MULTI_GPU.md).
+    micro_batch_size: int = 4  # per process; with checkpoint_layers=auto, the largest the memory probe tries
     grad_accum: int = 4
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"
@@ -57,7 +59,9 @@ class TrainConfig:
     seed: int = 42
     dtype: str = "auto"  # auto: bf16 where supported, else fp32; never a quantized type
     attention: str = "auto"  # auto: flash_attention_2 when importable on a GPU, else sdpa
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = True  # false: no activation checkpointing at all
+    checkpoint_layers: Any = "all"  # with checkpointing on: all | auto (GPU memory probe) | <number of layers>
+    memory_budget_gib: float | None = None  # auto's budget per GPU; null: 90% of the card
     liger: str = "auto"  # fused kernels (issue 8): auto = on where installed and on a GPU
     log_every: int = 10
     device: str = "auto"
@@ -260,9 +264,26 @@ def _check_combinations(config: PhaseConfig, source: str) -> None:
     if not config.disk.warn <= config.disk.alert <= config.disk.critical <= 100:
         raise UserError("disk thresholds must satisfy warn <= alert <= critical <= 100", where=source,
                         fix="e.g. warn: 60, alert: 80, critical: 90")
+    _check_checkpointing(config.train, source)
+    if config.train.micro_batch_size < 1 or config.train.grad_accum < 1:
+        raise UserError("train.micro_batch_size and train.grad_accum must be at least 1", where=source,
+                        fix="e.g. micro_batch_size: 4, grad_accum: 4 (effective batch 16)")
     if config.train.dtype not in {"auto", "bfloat16", "float32", "float16"}:
         raise UserError(f"train.dtype '{config.train.dtype}' is not a training dtype", where=source,
                         fix="use auto, bfloat16 or float32; quantized training is refused by design")
+
+
+def _check_checkpointing(train: TrainConfig, source: str) -> None:
+    layers = train.checkpoint_layers
+    if not (layers in ("all", "auto") or (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)):
+        raise UserError(f"train.checkpoint_layers must be all, auto or a number of layers >= 0, got {layers!r}",
+                        where=source, fix="e.g. train.checkpoint_layers=auto (GPU: the memory probe picks)")
+    if not train.gradient_checkpointing and layers != "all":
+        raise UserError(f"train.checkpoint_layers={layers} needs train.gradient_checkpointing: true", where=source,
+                        fix="set train.gradient_checkpointing=true, or leave checkpoint_layers at all")
+    if train.memory_budget_gib is not None and (layers != "auto" or train.memory_budget_gib <= 0):
+        raise UserError("train.memory_budget_gib is the budget of checkpoint_layers=auto's memory probe (> 0 GiB)",
+                        where=source, fix="set train.checkpoint_layers=auto, or train.memory_budget_gib=null")
 
 
 def save_resolved(config: PhaseConfig, path: Path) -> None:

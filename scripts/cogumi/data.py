@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,25 +249,33 @@ def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 class Batches:
     """An endless stream of collated micro-batches in a seeded order, resumable from `state_dict()`.
 
-    Epoch e visits the items in `randperm(seed + e)`; the position is (epoch, next micro-batch index), so a
-    resumed run continues with exactly the batch the interrupted run would have taken next. With several
-    processes, micro-batch k of the global order goes to rank k % world_size.
+    Epoch e visits the items in `randperm(seed + e)`, one effective batch (micro x processes x accumulation) per
+    optimizer step; the tail that does not fill a whole effective batch is left out of that epoch (a different
+    tail each epoch). So the examples of step s are the same however the effective batch is split: with several
+    processes, micro-batch k of the global order goes to rank k % world_size. The position is (epoch, next
+    micro-batch index); a resumed run continues with exactly the batch the interrupted run would have taken next,
+    also with another number of processes or micro-batch size when the examples consumed divide evenly.
     """
 
     def __init__(self, items: list, micro_batch_size: int, seed: int, collate: Collator,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
         if not items:
             raise UserError("no training examples left after formatting", where="data.train_path",
                             fix="check the data file and data.max_seq_len")
         self.items, self.micro_batch_size, self.seed, self.collate = items, micro_batch_size, seed, collate
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.epoch, self.index = 0, 0
         self._order = self._permutation(0)
 
     @property
     def batches_per_epoch(self) -> int:
-        """Micro-batches each process takes per pass over the data."""
-        return max(1, math.ceil(len(self.items) / self.micro_batch_size) // self.world_size)
+        """Micro-batches each process takes per pass over the data (whole optimizer steps only).
+
+        Fewer items than one effective batch still give one (short) step: the trainer refuses that case earlier
+        (trainer.make_plan), this keeps the stream usable on its own.
+        """
+        per_step = self.micro_batch_size * self.world_size * self.grad_accum
+        return max(1, len(self.items) // per_step) * self.grad_accum
 
     def _permutation(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed + epoch)
@@ -289,13 +296,23 @@ class Batches:
         return self.collate(chosen), sum(_length(item) for item in chosen)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "items": len(self.items)}
+        # "consumed" (examples of this epoch taken by all processes together) is what carries over to another
+        # number of processes or micro-batch size; index is kept for reading.
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "items": len(self.items),
+                "consumed": self.index * self.micro_batch_size * self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state["items"] != len(self.items) or state["seed"] != self.seed:
             raise UserError("the checkpoint's data position does not match this data set (its size or seed changed)",
                             where="data", fix="train on the same data, or start fresh with RESUME=0")
-        self.epoch, self.index = state["epoch"], state["index"]
+        per_index = self.micro_batch_size * self.world_size
+        consumed = state.get("consumed", state["index"] * per_index)
+        if consumed % per_index:
+            raise UserError(f"the checkpoint stopped after {consumed} examples of epoch {state['epoch']}, which is not "
+                            f"a whole number of micro-batches of {self.micro_batch_size} x {self.world_size} processes",
+                            where="train.micro_batch_size / GPUS",
+                            fix="resume with the micro-batch size and process count the checkpoint was saved with")
+        self.epoch, self.index = state["epoch"], consumed // per_index
         self._order = self._permutation(self.epoch)
 
 
@@ -313,9 +330,21 @@ def read_data(cfg: DataConfig) -> Rows:
     return Rows(source, rows)
 
 
-def build_data(cfg: DataConfig, data: Rows, tokenizer, *, micro_batch_size: int, seed: int,
-               mask_dtype: torch.dtype, rank: int = 0, world_size: int = 1) -> tuple[Batches, DataStats]:
-    """Format, label, truncate, optionally pack, and wrap in a resumable batch stream."""
+@dataclass(frozen=True)
+class Encoded:
+    """Tokenized training items (examples, or packed rows of examples) and the collator that batches them."""
+
+    items: list
+    collate: Collator
+    seed: int  # the data order's seed (train.seed + data.shuffle_seed)
+    stats: DataStats
+
+    def batches(self, micro_batch_size: int, *, rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> Batches:
+        return Batches(self.items, micro_batch_size, self.seed, self.collate, rank, world_size, grad_accum)
+
+
+def encode_data(cfg: DataConfig, data: Rows, tokenizer, *, seed: int, mask_dtype: torch.dtype) -> Encoded:
+    """Format, label, truncate and optionally pack; the micro-batching comes later (it may depend on a probe)."""
     rows, source = data.rows, data.source
     stats = DataStats(source=source)
     examples = encode_rows(tokenizer, rows, cfg.max_seq_len, stats)
@@ -330,7 +359,14 @@ def build_data(cfg: DataConfig, data: Rows, tokenizer, *, micro_batch_size: int,
                     stats.truncated, stats.examples + stats.dropped, cfg.max_seq_len)
     log.info("data: %s", stats.describe())
     collate = Collator(pad_id=_pad_id(tokenizer), packed=cfg.packing, mask_dtype=mask_dtype)
-    return Batches(items, micro_batch_size, seed + cfg.shuffle_seed, collate, rank, world_size), stats
+    return Encoded(items, collate, seed + cfg.shuffle_seed, stats)
+
+
+def build_data(cfg: DataConfig, data: Rows, tokenizer, *, micro_batch_size: int, seed: int,
+               mask_dtype: torch.dtype, rank: int = 0, world_size: int = 1) -> tuple[Batches, DataStats]:
+    """encode_data + a batch stream with a fixed micro-batch size."""
+    encoded = encode_data(cfg, data, tokenizer, seed=seed, mask_dtype=mask_dtype)
+    return encoded.batches(micro_batch_size, rank=rank, world_size=world_size), encoded.stats
 
 
 def _length(item) -> int:

@@ -14,6 +14,7 @@ What it changes, each piece measured in docs/PERFORMANCE.md ("Training speed on 
   gradient of the hidden states chunk by chunk (fp32 softmax), so the (tokens x vocab) logits are never held whole.
   Chunks of ~512 rows keep the LM-head products large enough to run at the matmul rate (Liger 0.3.1's fused
   version uses 64-row chunks for a 128k vocabulary: the 1 GB head weight is re-read 32 times per 2k tokens).
+  When lm_head is not a plain nn.Linear (a LoRA target, modules_to_save) the original forward runs instead.
 - Selective activation checkpointing (`set_checkpointing(model, layers)`), and a memory probe that picks the
   micro-batch and checkpointing layout that fits a budget (`probe_layout`).
 """
@@ -286,6 +287,7 @@ def chunked_linear_cross_entropy(hidden, weight, labels, ignore_index: int = -10
 def _patch_causal_lm_loss() -> None:
     if _STATE["chunked_loss"]:
         return
+    import torch.nn as nn
     import torch.nn.functional as F
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.models.llama import modeling_llama
@@ -296,8 +298,10 @@ def _patch_causal_lm_loss() -> None:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, cache_position=None, **kwargs):
+        # The chunked loss multiplies by lm_head.weight itself, so it is only the same function when lm_head is a
+        # plain nn.Linear: a LoRA (or modules_to_save) wrapper on lm_head would be silently skipped.
         if labels is None or kwargs or getattr(self.config, "pretraining_tp", 1) > 1 or \
-                self.lm_head.bias is not None:
+                type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
             return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                             use_cache=use_cache, output_attentions=output_attentions,

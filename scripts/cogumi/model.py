@@ -168,14 +168,18 @@ def build_model(config: PhaseConfig, base: Base, runtime: Runtime):
     model = AutoModelForCausalLM.from_pretrained(base.path, torch_dtype=runtime.dtype,
                                                  attn_implementation=runtime.attention)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    if config.train.gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen embeddings: no enable_input_require_grads hack needed.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Activation checkpointing is set later, per layer, by cogumi.layout.choose_layout (fastpath.set_checkpointing:
+    # non-reentrant, so frozen embeddings need no enable_input_require_grads hack, and the fused autograd functions
+    # recompute correctly); gradient_checkpointing_enable would checkpoint every layer.
     torch.manual_seed(config.train.seed)  # LoRA A matrices are random: same seed, same start
     # autocast_adapter_dtype keeps the LoRA weights in fp32 on a bf16 base, so AdamW's small updates are not lost.
     model = get_peft_model(model, peft_lora_config(config.lora), autocast_adapter_dtype=True)
     model.peft_config["default"].base_model_name_or_path = base.spec
     model.to(runtime.device)
+    if runtime.fast_path.get("fused_lora") and config.lora.dropout > 0:
+        log.warning("lora.dropout=%g: the fused bf16 LoRA needs dropout 0, so every LoRA layer takes peft's slower "
+                    "float32 path (more time and activation memory; docs/PERFORMANCE.md); set lora.dropout=0.0",
+                    config.lora.dropout)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("model: %s in %s, attention %s, LoRA r=%d on %s: %d trainable of %d parameters (%.3f%%)",
              base.spec, str(runtime.dtype).replace("torch.", ""), runtime.attention, config.lora.r,

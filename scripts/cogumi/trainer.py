@@ -4,6 +4,10 @@ Not the HF Trainer: every piece of state a resumed run needs (LoRA weights, Adam
 torch/numpy/python RNGs that dropout draws from, the data position, the step) is saved by this module in one
 checkpoint folder, through cogumi.checkpoints (COMPLETE marker last, room check first, verified retention).
 A run killed at any moment and started again ends with the same adapter as an uninterrupted run with the seed.
+
+With several processes (torchrun, docs/MULTI_GPU.md) the model is wrapped in DistributedDataParallel, gradients are
+all-reduced once per optimizer step, rank 0 alone writes checkpoints, logs and the adapter, and each rank's RNG state
+is saved beside the others (rng-rank<k>.pt), so the resume is exact with N processes too.
 """
 
 from __future__ import annotations
@@ -11,52 +15,55 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cogumi import distributed
 from cogumi.checkpoints import latest_complete, list_complete, measured_checkpoint_size, save_checkpoint
 from cogumi.config import PhaseConfig
 from cogumi.data import Batches
 from cogumi.errors import UserError
 from cogumi.fsutil import atomic_write_text, move_aside
+from cogumi.layout import Layout, write_layout
 from cogumi.manifest import sha256_json
 from cogumi.model import Runtime, trainable_parameters
-from cogumi.step import train_step
+from cogumi.step import accumulate
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAIN_LOG = "train_log.jsonl"
-# Keys that do not change what is trained: a resumed run may change them freely.
-_NOT_TRAINING = {"train": {"log_every", "device", "liger", "attention", "gradient_checkpointing"}}
+RNG_FILE = "rng-rank{rank}.pt"
+# Keys that do not change what is trained: a resumed run may change them freely. The split of the effective batch
+# into micro-batch x accumulation is one of them (the hash records the effective batch instead); memory and speed
+# settings are others.
+_NOT_TRAINING = {"train": {"log_every", "device", "liger", "attention", "gradient_checkpointing", "checkpoint_layers",
+                           "memory_budget_gib", "micro_batch_size", "grad_accum"}}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The batch arithmetic, fixed before the loop."""
+    """The step count, fixed before the model loads: it depends on the data size and the effective batch only."""
 
-    micro_batch_size: int
-    grad_accum: int
-    world_size: int
-    batches_per_epoch: int
+    effective_batch: int
+    rows: int
+    steps_per_epoch: int
     total_steps: int
     warmup_steps: int
 
-    @property
-    def effective_batch(self) -> int:
-        return self.micro_batch_size * self.grad_accum * self.world_size
-
     def describe(self) -> str:
-        return (f"batch: micro-batch {self.micro_batch_size} x accumulation {self.grad_accum} x processes "
-                f"{self.world_size} = effective batch {self.effective_batch}; {self.batches_per_epoch} micro-batches "
-                f"per epoch per process; {self.total_steps} optimizer steps ({self.warmup_steps} warm-up)")
+        return (f"{self.rows} training rows, {self.effective_batch} per optimizer step: {self.steps_per_epoch} steps "
+                f"per epoch ({self.rows - self.steps_per_epoch * self.effective_batch} rows left out of each epoch, a "
+                f"different few each time); {self.total_steps} optimizer steps ({self.warmup_steps} warm-up)")
 
 
 @dataclass
@@ -69,17 +76,24 @@ class Result:
     resumed_from: str | None
 
 
-def make_plan(config: PhaseConfig, batches: Batches, world_size: int) -> Plan:
+def effective_batch(config: PhaseConfig) -> int:
+    """Examples per optimizer step: micro_batch_size x grad_accum as configured, on any number of processes."""
+    return config.train.micro_batch_size * config.train.grad_accum
+
+
+def make_plan(config: PhaseConfig, rows: int) -> Plan:
     t = config.train
-    if t.max_steps is not None:
-        total = t.max_steps
-    else:
-        total = math.ceil(t.epochs * batches.batches_per_epoch / t.grad_accum)
+    eff = effective_batch(config)
+    per_epoch = rows // eff
+    if per_epoch < 1:
+        raise UserError(f"{rows} training rows are fewer than one effective batch ({eff} = train.micro_batch_size "
+                        f"{t.micro_batch_size} x train.grad_accum {t.grad_accum})", where="data.train_path",
+                        fix="add data, or lower train.grad_accum")
+    total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
     if total < 1:
         raise UserError("this run would take 0 optimizer steps", where="train.max_steps / train.epochs",
                         fix="set train.max_steps or raise train.epochs")
-    return Plan(t.micro_batch_size, t.grad_accum, world_size, batches.batches_per_epoch, total,
-                math.ceil(t.warmup_ratio * total))
+    return Plan(eff, rows, per_epoch, total, math.ceil(t.warmup_ratio * total))
 
 
 def training_hash(config: PhaseConfig) -> str:
@@ -87,6 +101,7 @@ def training_hash(config: PhaseConfig) -> str:
     values = config.to_dict()
     picked = {k: values[k] for k in ("base_model", "data", "lora", "train")}
     picked["train"] = {k: v for k, v in picked["train"].items() if k not in _NOT_TRAINING["train"]}
+    picked["train"]["effective_batch"] = effective_batch(config)
     return sha256_json(picked)
 
 
@@ -146,12 +161,14 @@ def peak_mem_gib(device: torch.device) -> float:
 class Trainer:
     """Owns the optimizer, scheduler and step counter; `fit()` runs the loop to plan.total_steps."""
 
-    def __init__(self, config: PhaseConfig, model, batches: Batches, runtime: Runtime, plan: Plan,
+    def __init__(self, config: PhaseConfig, model, batches: Batches, runtime: Runtime, plan: Plan, layout: Layout,
                  *, checkpoint_estimate: int):
         from transformers import get_scheduler
 
-        self.config, self.model, self.batches, self.runtime, self.plan = config, model, batches, runtime, plan
+        self.config, self.model, self.batches, self.runtime = config, model, batches, runtime
+        self.plan, self.layout = plan, layout
         self.params = trainable_parameters(model)
+        self.engine, self.no_sync = _wrap(model, runtime)
         t = config.train
         # Fused AdamW keeps the whole update in one kernel per parameter group on a GPU.
         self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay,
@@ -164,25 +181,44 @@ class Trainer:
         self.log_path = config.run_dir / TRAIN_LOG
         self.last_loss: float | None = None
         self.last_tps: float | None = None
-        seed_everything(t.seed)
+        # Per-rank seeds: dropout on two ranks must not draw the same masks. Rank 0 keeps the one-process stream.
+        seed_everything(t.seed + runtime.rank)
 
     # -- checkpoints
 
-    def _write_checkpoint(self, folder: Path) -> None:
+    def _write_checkpoint(self, folder: Path, rng_states: list[dict]) -> None:
         self.model.save_pretrained(folder / "adapter", safe_serialization=True)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict(), "rng": rng_state(),
-                 "training_hash": training_hash(self.config), "total_steps": self.plan.total_steps}
+                 "scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict(),
+                 "training_hash": training_hash(self.config), "total_steps": self.plan.total_steps,
+                 "world_size": self.layout.world_size}
         torch.save(state, folder / STATE_FILE)
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, folder / RNG_FILE.format(rank=rank))
+        write_layout(folder, self.layout)
 
     def save(self) -> Path:
+        """Every rank hands its RNG state to rank 0, which writes the checkpoint; all ranks get its path or error.
+
+        The LoRA weights and AdamW moments are the same on every rank (DDP averages the gradients before the step),
+        so rank 0's copy is the checkpoint. The broadcast at the end is the barrier: no rank runs ahead of a save
+        that failed (DiskStop ends every rank with exit code 3).
+        """
+        rng_states = distributed.gather(rng_state())
         ck = self.config.checkpoints
-        return save_checkpoint(self.config.run_dir, self.step, self._write_checkpoint, keep_last=ck.keep_last,
-                               margin_bytes=self.config.disk.margin_mb * 1024 * 1024,
-                               expected_bytes=measured_checkpoint_size(self.config.run_dir) or self.checkpoint_estimate)
+
+        def write() -> Path:
+            return save_checkpoint(self.config.run_dir, self.step, lambda folder: self._write_checkpoint(
+                folder, rng_states), keep_last=ck.keep_last, margin_bytes=self.config.disk.margin_mb * 1024 * 1024,
+                expected_bytes=measured_checkpoint_size(self.config.run_dir) or self.checkpoint_estimate)
+
+        return distributed.on_main(write)
 
     def resume(self, checkpoint: Path, *, force: bool = False) -> None:
-        """Restore everything a checkpoint holds; the next step is exactly the one the saved run would take."""
+        """Restore everything a checkpoint holds; the next step is exactly the one the saved run would take.
+
+        Every rank reads the same complete checkpoint (rank 0 chose it and broadcast the path).
+        """
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -197,22 +233,38 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
         self.step = state["step"]
+        self._restore_rng(checkpoint, state)
         self.resumed_from = checkpoint.name
-        truncate_log(self.log_path, self.step)
+        distributed.on_main(truncate_log, self.log_path, self.step)
+
+    def _restore_rng(self, checkpoint: Path, state: dict) -> None:
+        """This rank's saved RNG state; with another process count there is none to match, so a fresh seed."""
+        rank, saved_world = self.runtime.rank, state.get("world_size", 1)
+        path = checkpoint / RNG_FILE.format(rank=rank)
+        if saved_world == self.layout.world_size and path.is_file():
+            set_rng_state(torch.load(path, map_location="cpu", weights_only=False))
+        elif saved_world == self.layout.world_size and "rng" in state:  # a checkpoint from before rng-rank<k>.pt
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(self.config.train.seed + 1000 * self.step + rank)
+            if self.runtime.is_main:
+                log.warning("resume: %s was saved by %d process(es), this run has %d: the data position and the "
+                            "weights carry over exactly, the random streams (LoRA dropout) start afresh",
+                            checkpoint.name, saved_world, self.layout.world_size)
 
     def _check_compatible(self, state: dict, checkpoint: Path, force: bool) -> None:
         same = state.get("training_hash") == training_hash(self.config)
         if same and state.get("total_steps") == self.plan.total_steps:
             return
-        message = (f"{checkpoint} was saved by a run with different training settings (data, LoRA, train.* or "
-                   "the step count changed)")
+        message = (f"{checkpoint} was saved by a run with different training settings (data, LoRA, train.*, the "
+                   "effective batch or the step count changed)")
         if not force:
             raise UserError(message, where=str(checkpoint),
                             fix="undo the change, or RESUME=0 to start fresh (the old run is moved aside), or "
                                 "FORCE=1 to continue anyway")
-        log.warning("FORCE=1: %s; continuing from it anyway", message)
+        if self.runtime.is_main:
+            log.warning("FORCE=1: %s; continuing from it anyway", message)
 
     # -- the loop
 
@@ -220,17 +272,17 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t = self.config.train
-        start, window = time.perf_counter(), _Window()
+        start, window = time.perf_counter(), _Window(self.runtime.device)
         bar = tqdm(total=self.plan.total_steps, initial=self.step, desc=self.config.name, unit="step",
                    disable=not self.runtime.is_main, dynamic_ncols=True)
-        self.model.train()
+        self.engine.train()
         while self.step < self.plan.total_steps:
             loss, tokens = self._optimizer_step(t.max_grad_norm)
             self.step += 1
             window.add(loss, tokens)
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.plan.total_steps:
-                self._log(window.close())
+                self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
                 bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.last_tps:.0f}")
             if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
                 self.save()
@@ -239,37 +291,62 @@ class Trainer:
                       time.perf_counter() - start, self.resumed_from)
 
     def _optimizer_step(self, max_grad_norm: float) -> tuple[torch.Tensor, int]:
-        """grad_accum micro-batches through cogumi.step.train_step, clip, step; returns (summed loss, tokens)."""
-        scale = 1.0 / self.plan.grad_accum
-        total = torch.zeros((), device=self.runtime.device)
-        tokens = 0
-        for _ in range(self.plan.grad_accum):
-            batch, n = next(self.batches)
-            batch = {k: v.to(self.runtime.device, non_blocking=True) for k, v in batch.items()}
-            total += train_step(self.model, batch, scale) * scale  # no .item(): the GPU never waits for the host
-            tokens += n
+        """grad_accum micro-batches through cogumi.step.accumulate, clip, step; returns (mean loss, tokens)."""
+        tokens = []
+        device = self.runtime.device
+
+        def micro_batches():
+            for _ in range(self.layout.grad_accum):
+                batch, n = next(self.batches)
+                tokens.append(n)
+                yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+        # no .item() anywhere here: the GPU never waits for the host
+        loss = accumulate(self.engine, micro_batches(), self.layout.grad_accum, self.no_sync)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, tokens
+        return loss, sum(tokens)
 
     def _log(self, window: dict) -> None:
         self.last_loss, self.last_tps = window["loss"], window["tokens_per_s"]
+        if not self.runtime.is_main:
+            return
         row = {"step": self.step, "loss": round(window["loss"], 6), "lr": self.scheduler.get_last_lr()[0],
                "tokens_per_s": round(window["tokens_per_s"], 1),
                "peak_mem_gib": round(peak_mem_gib(self.runtime.device), 3)}
-        if self.runtime.is_main:
-            with open(self.log_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-            log.debug("step %d: %s", self.step, row)
+        with open(self.log_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log.debug("step %d: %s", self.step, row)
+
+
+def _wrap(model, runtime: Runtime):
+    """(the module the loop calls, its no_sync context): DDP with several processes, the model itself with one."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # Refused rather than ignored: DDP here would put the whole base on every GPU, the opposite of what FSDP
+        # was asked for (and an out-of-memory error for a base that needs FSDP).
+        raise UserError("launched with an FSDP accelerate config, but this trainer wraps the model in DDP only",
+                        where="accelerate launch --config_file configs/accelerate/fsdp_lora.yaml",
+                        fix="use `make train GPUS=N` (DDP) for a base that fits one GPU; docs/MULTI_GPU.md "
+                            "('FSDP recipe') lists what FSDP still needs")
+    if runtime.world_size <= 1:
+        return model, nullcontext
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Every LoRA parameter takes part in every step, so find_unused_parameters stays off (it would walk the graph
+    # each step). Gradients are views into DDP's buckets: no second copy of the LoRA gradients.
+    ddp = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                                  find_unused_parameters=False, gradient_as_bucket_view=True)
+    return ddp, ddp.no_sync
 
 
 class _Window:
     """Loss and throughput since the last log line; the one host sync per log interval happens in close()."""
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.device = device
         self._reset()
 
     def _reset(self):
@@ -280,9 +357,11 @@ class _Window:
         self.tokens += tokens
 
     def close(self) -> dict:
+        """Mean loss over the window and all ranks; tokens/s of all ranks together."""
         loss = torch.stack(self.losses).float().mean().item()
+        loss_sum, tokens, ranks = distributed.sum_values([loss, float(self.tokens), 1.0], self.device)
         seconds = max(time.perf_counter() - self.since, 1e-9)
-        out = {"loss": loss, "tokens_per_s": self.tokens / seconds}
+        out = {"loss": loss_sum / ranks, "tokens_per_s": tokens / seconds}
         self._reset()
         return out
 
