@@ -86,7 +86,6 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class MergeConfig:
-    max_shard_size: str = "5GB"
     verify: bool = True
     verify_prompts: int = 4
     max_abs_diff: float | None = None  # null: a tolerance picked for the dtype

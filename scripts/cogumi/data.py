@@ -13,8 +13,6 @@ model.resolve_runtime picks sdpa for packed runs.
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch
 
 from cogumi.config import DataConfig, resolve_path
 from cogumi.errors import UserError
+from cogumi.fsutil import iter_jsonl
 from cogumi.hub import is_offline, local_folder
 
 log = logging.getLogger(__name__)
@@ -87,18 +86,7 @@ def _read_hub_dataset(source: str, split: str) -> list[tuple[str, dict]]:
 
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"line {lineno} is not valid JSON ({err.msg})", where=where, fix=ROW_FORMAT) from err
-            rows.append((where, row))
+    rows = list(iter_jsonl(path, fix=ROW_FORMAT))
     if not rows:
         raise UserError(f"{path} has no rows", where=str(path), fix=ROW_FORMAT)
     return rows
