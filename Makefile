@@ -12,6 +12,8 @@ FORCE ?= 0
 RESUME ?= 1
 GPUS ?= 1
 QUANT ?= nf4
+# The run folder's name: configs/phase1a.yaml -> phase1a, configs/demo.yaml -> demo.
+RUN_NAME = $(if $(wildcard configs/phase$(PHASE).yaml),phase$(PHASE),$(PHASE))
 export FORCE RESUME
 
 # The lock: everything resolved as of this date, so transitive drift (pyarrow >= 21 needs numpy 2) cannot creep in.
@@ -27,7 +29,7 @@ help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
 	@echo "Variables: PHASE=1a|1b|demo  ARGS='train.max_steps=50 ...'  FORCE=1  RESUME=0  GPUS=N  QUANT=nf4|int8"
 	@echo
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 setup: ## create .venv from the lock (uv), flash-attn wheel on GPU hosts, then `make check`
 	@bash scripts/setup_env.sh
@@ -63,7 +65,7 @@ quantize: ## after merge: a bitsandbytes QUANT=nf4|int8 copy of PHASE's merged m
 	$(PY) scripts/quantize.py --phase $(PHASE) --quant $(QUANT) $(ARGS)
 
 monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json" for one reading (exit 0/10/20/30)
-	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/phase$(PHASE) $(ARGS)
+	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/$(RUN_NAME) $(ARGS)
 
 bench-train: ## GPU training-step benchmark: fast path vs plain transformers+peft, same process
 	$(PY) scripts/bench_train.py --phase $(PHASE) $(ARGS)
@@ -71,7 +73,7 @@ bench-train: ## GPU training-step benchmark: fast path vs plain transformers+pef
 BUNDLE ?= dist/cogumi-llm.tar.gz
 BUNDLE_FILES := Makefile README.md ISSUES_LOG.md pyproject.toml .gitignore .ci requirements scripts configs data docs \
 	tests checkpoints/.gitkeep
-bundle: ## one archive with everything a fresh GPU instance needs (no checkpoints, no .venv): $(BUNDLE)
+bundle: ## one archive with everything a fresh GPU instance needs (no checkpoints, no .venv), in dist/
 	@mkdir -p $(dir $(BUNDLE))
 	@tar -czf $(BUNDLE).partial --exclude=__pycache__ --exclude='*.pyc' $(BUNDLE_FILES) && mv $(BUNDLE).partial $(BUNDLE)
 	@echo "wrote $(BUNDLE) ($$(du -h $(BUNDLE) | cut -f1)). On the GPU box:"

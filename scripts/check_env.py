@@ -101,7 +101,7 @@ def check_disk(report: list[str], checkpoint_dir: Path) -> list[str]:
         device = os.stat(probe).st_dev
         same = f" (same filesystem as {seen[device]})" if device in seen else ""
         seen.setdefault(device, label)
-        used = 100 * (usage.total - usage.free) / usage.total
+        used = 100 * usage.used / (usage.used + usage.free)  # as df and monitor_disk.py count it
         report.append(f"disk {label}: {path} — {usage.free / GIB:.1f} GiB free of {usage.total / GIB:.1f} GiB "
                       f"({used:.0f}% used){same}")
         if label == "checkpoints" and used >= 90:
