@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import SCRIPT, adapter_weights, max_diff, memorised_data, run_dir, tiny_base, write_config  # noqa: F401
+from test_train import (  # noqa: F401 - fixtures (one_thread is autouse) and helpers shared with the trainer tests
+    SCRIPT,
+    adapter_weights,
+    max_diff,
+    memorised_data,
+    one_thread,
+    run_dir,
+    tiny_base,
+    write_config,
+)
 
 from cogumi.checkpoints import list_complete
 from cogumi.errors import UserError
@@ -38,14 +47,6 @@ SECTIONS = {"train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2
 TOLERANCE = 2e-5
 
 train_main = pytest.importorskip("train_phase1a_fullprecision").main
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()
