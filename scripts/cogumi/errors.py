@@ -37,6 +37,9 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     """Run an entry script's main(): user errors print one screen and exit non-zero, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # peft imports bitsandbytes, whose CPU build warns about missing GPU kernels on every CPU run; the stack
+    # never quantizes for training, and `make quantize` says itself when there is no GPU.
+    logging.getLogger("bitsandbytes.cextension").setLevel(logging.ERROR)
     try:
         code = main(argv)
     except UserError as err:
