@@ -23,7 +23,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench-train bench-merge test lint bundle quantize
+.PHONY: help setup lock check demo train merge validate monitor bench-train bench-ddp bench-merge bench-quantize test lint bundle quantize
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -78,6 +78,9 @@ bundle: ## one archive with everything a fresh GPU instance needs (no checkpoint
 	@tar -czf $(BUNDLE).partial --exclude=__pycache__ --exclude='*.pyc' $(BUNDLE_FILES) && mv $(BUNDLE).partial $(BUNDLE)
 	@echo "wrote $(BUNDLE) ($$(du -h $(BUNDLE) | cut -f1)). On the GPU box:"
 	@echo "  scp $(BUNDLE) gpu-box:/workspace/ && ssh gpu-box 'cd /workspace && mkdir -p cogumi && tar -xzf $(notdir $(BUNDLE)) -C cogumi && cd cogumi && make setup'"
+
+bench-ddp: ## 2+ GPUs: 8B-shape step on 1 GPU vs DDP on 2 (scaling per GPU) and a short torchrun train; JSON in OUT=
+	OUT=$(or $(OUT),checkpoints) PY=$(PY) bash scripts/bench_ddp.sh
 
 bench-merge: ## merge benchmark: streaming merge vs peft merge_and_unload (random 0.85B; ARGS="--size 8b --device cuda")
 	$(PY) scripts/bench_merge.py $(ARGS)
