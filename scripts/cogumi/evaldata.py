@@ -27,6 +27,7 @@ import random
 import re
 from pathlib import Path
 
+from cogumi import hub
 from cogumi.errors import UserError
 from cogumi.evaltypes import Problem
 from cogumi.fsutil import iter_jsonl
@@ -230,8 +231,27 @@ def _slug(value) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.replace("&", "and")).strip("_")
 
 
+def load_hub_dataset(source: str) -> list[Problem]:
+    """Problems from a hub dataset (`org/name` or `org/name:split`, default split "test") whose rows follow the
+    local JSONL schema. Needs the network; offline it says so instead of failing deep inside `datasets`."""
+    repo_id, _, split = source.partition(":")
+    split = split or "test"
+    if hub.is_offline():
+        raise UserError(f"eval data {source!r} is a hub dataset and the hub is offline (HF_HUB_OFFLINE=1)",
+                        where=source, fix="unset HF_HUB_OFFLINE, or export it to a local .jsonl file")
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(repo_id, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "could not load this id"
+        raise UserError(f"could not load the hub dataset {repo_id!r} (split {split}): {type(err).__name__}: "
+                        f"{str(err)[:300]}", where=source,
+                        fix="check the id, the split and HF_TOKEN, or use a local .jsonl file") from err
+    return [_jsonl_row(dict(row), f"{source}[{i}]") for i, row in enumerate(rows)]
+
+
 def load_task(source: str, *, limit: int | None = None, seed: int = 0, subset: str | None = None) -> list[Problem]:
-    """The problems of a built-in source (see SOURCES) or a local JSONL file.
+    """The problems of a built-in source (see SOURCES), a local JSONL file, or a hub dataset id when online.
 
     subset (MATH only): e.g. "level=5", "type=Algebra", "level=4|5;type=Counting & Probability".
     limit: a sample of that many, drawn with random.Random(seed) after the subset filter, kept in source order.
@@ -241,9 +261,12 @@ def load_task(source: str, *, limit: int | None = None, seed: int = 0, subset: s
         problems = _BUILDERS[source]()
     elif source.endswith(".jsonl") or Path(source).is_file():
         problems = load_jsonl(Path(source))
+    elif hub.HUB_ID.match(source.split(":", 1)[0]):
+        problems = load_hub_dataset(source)
     else:
         raise UserError(f"unknown eval data source {source!r}", where="load_task",
-                        fix=f"one of {', '.join(SOURCES)} or a path to a .jsonl file ({JSONL_SCHEMA})")
+                        fix=f"one of {', '.join(SOURCES)}, a path to a .jsonl file, or a hub dataset id "
+                            f"({JSONL_SCHEMA})")
     if subset:
         problems = _subset_filter(problems, subset, source)
     if limit is not None:
