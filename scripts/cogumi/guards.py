@@ -29,6 +29,14 @@ FIX_QUANTIZED = ("use the full-precision (bf16) base, e.g. meta-llama/Meta-Llama
                  "quantize only after merging (`make quantize`)")
 
 
+def config_reasons(config: dict) -> list[str]:
+    """The quantization a model's config.json declares, if any."""
+    if not config.get("quantization_config"):
+        return []
+    method = config["quantization_config"].get("quant_method", "unknown")
+    return [f"config.json has quantization_config (quant_method={method})"]
+
+
 def quantization_reasons(model: str | Path) -> list[str]:
     """Every sign that `model` (a hub id or a local folder) is quantized; empty when none is found."""
     reasons = []
@@ -41,10 +49,7 @@ def quantization_reasons(model: str | Path) -> list[str]:
         return reasons
     config_path = model_dir / "config.json"
     if config_path.exists():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if config.get("quantization_config"):
-            method = config["quantization_config"].get("quant_method", "unknown")
-            reasons.append(f"config.json has quantization_config (quant_method={method})")
+        reasons += config_reasons(json.loads(config_path.read_text(encoding="utf-8")))
     for path in weight_files(model_dir):
         for tensor, info in tensor_entries(read_header(path)).items():
             if tensor.endswith(QUANT_TENSOR_SUFFIXES):
@@ -56,9 +61,12 @@ def quantization_reasons(model: str | Path) -> list[str]:
     return reasons
 
 
-def refuse_quantized_base(model: str | Path, *, role: str = "base model") -> None:
-    """Raise a UserError if `model` is quantized in any form. There is deliberately no override."""
-    reasons = quantization_reasons(model)
+def refuse_quantized_base(model: str | Path, *, role: str = "base model", config: dict | None = None) -> None:
+    """Raise a UserError if `model` is quantized in any form. There is deliberately no override.
+
+    `config`: a hub model's config.json, fetched alone so its quantization is refused before any weight downloads.
+    """
+    reasons = quantization_reasons(model) + config_reasons(config or {})
     if reasons:
         raise UserError(
             f"the {role} '{model}' is quantized ({'; '.join(reasons)}). {WHY_QUANTIZED}",

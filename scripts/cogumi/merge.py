@@ -107,10 +107,13 @@ class Shard:
 
 
 def resolve_base(spec: str) -> Path:
-    """The base as a local folder: a path, or a hub id resolved through the hub cache the trainer filled."""
-    refuse_quantized_base(spec)  # a quantized name is refused before anything is fetched
+    """The base as a local folder: a path, or a hub id resolved through the hub cache the trainer filled.
+
+    The full quantization check (config, headers) runs on the folder in refuse_quantized; a hub id's name is
+    checked here, before anything is fetched."""
     folder = hub.local_folder(spec)
     if folder is None:
+        refuse_quantized_base(spec)
         return hub.download(spec)
     if not folder.is_dir():
         raise UserError(f"base model folder not found: {folder}", where="base_model",

@@ -19,7 +19,7 @@ from cogumi import hub
 from cogumi.config import LoraConfig, PhaseConfig, TrainConfig
 from cogumi.errors import UserError
 from cogumi.fastpath import apply_fast_path
-from cogumi.guards import FIX_QUANTIZED, WHY_QUANTIZED, refuse_quantized_base, require_validated
+from cogumi.guards import refuse_quantized_base, require_validated
 from cogumi.manifest import weights_fingerprint
 from cogumi.safetensors_io import weight_files
 
@@ -137,11 +137,8 @@ def build_base(config: PhaseConfig, *, force: bool) -> Base:
 
 
 def _fetch_hub_base(repo_id: str) -> Path:
-    config = hub.fetch_config(repo_id)  # a few KB: refuse a quantized hub model before its weights download
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "unknown")
-        raise UserError(f"the base model '{repo_id}' is quantized (config.json has quantization_config, "
-                        f"quant_method={method}). {WHY_QUANTIZED}", where=repo_id, fix=FIX_QUANTIZED)
+    # config.json is a few KB: a quantized hub model is refused before its weights download.
+    refuse_quantized_base(repo_id, config=hub.fetch_config(repo_id))
     hub.check_room(repo_id)
     log.info("base: downloading %s into the hub cache (once)", repo_id)
     return hub.download(repo_id)
