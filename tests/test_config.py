@@ -119,6 +119,11 @@ def test_impossible_layout_settings_fail_at_load(tmp_path, override, key):
     path.write_text("train:\n  checkpoint_layers: all\n")
     with pytest.raises(UserError, match=key.replace(".", "[.]")):
         load_config(path, [override])
+
+
+def test_layout_settings_combine_with_the_checkpointing_switch(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("train:\n  checkpoint_layers: all\n")
     with pytest.raises(UserError, match="gradient_checkpointing"):
         load_config(path, ["train.gradient_checkpointing=false", "train.checkpoint_layers=8"])
     assert load_config(path, ["train.checkpoint_layers=auto", "train.memory_budget_gib=40"]).train.memory_budget_gib \
