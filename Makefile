@@ -68,7 +68,7 @@ monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json"
 	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/$(RUN_NAME) $(ARGS)
 
 bench-train: ## GPU training-step benchmark: fast path vs plain transformers+peft, same process
-	$(PY) scripts/bench_train.py --phase $(PHASE) $(ARGS)
+	$(PY) scripts/bench/bench_train.py --phase $(PHASE) $(ARGS)
 
 BUNDLE ?= dist/cogumi-llm.tar.gz
 BUNDLE_FILES := Makefile README.md ISSUES_LOG.md pyproject.toml .gitignore .ci requirements scripts configs data docs \
@@ -80,13 +80,13 @@ bundle: ## one archive with everything a fresh GPU instance needs (no checkpoint
 	@echo "  scp $(BUNDLE) gpu-box:/workspace/ && ssh gpu-box 'cd /workspace && mkdir -p cogumi && tar -xzf $(notdir $(BUNDLE)) -C cogumi && cd cogumi && make setup'"
 
 bench-ddp: ## 2+ GPUs: 8B-shape step on 1 GPU vs DDP on 2 (scaling per GPU) and a short torchrun train; JSON in OUT=
-	OUT=$(or $(OUT),checkpoints) PY=$(PY) bash scripts/bench_ddp.sh
+	OUT=$(or $(OUT),checkpoints) PY=$(PY) bash scripts/bench/bench_ddp.sh
 
 bench-merge: ## merge benchmark: streaming merge vs peft merge_and_unload (random 0.85B; ARGS="--size 8b --device cuda")
-	$(PY) scripts/bench_merge.py $(ARGS)
+	$(PY) scripts/bench/bench_merge.py $(ARGS)
 
 bench-quantize: ## GPU: size, load time and generation speed of bf16 vs nf4/int8 on real Llama shapes
-	$(PY) scripts/bench_quantize.py $(ARGS)
+	$(PY) scripts/bench/bench_quantize.py $(ARGS)
 
 lint: ## ruff
 	$(PY) -m ruff check scripts tests

@@ -14,7 +14,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cogumi.core.paths import REPO_ROOT
+
 DEFAULT_LOCKS = ["requirements/base.txt", "requirements/dev.txt", "requirements/eval.txt"]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 GIB = 1024**3

@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from cogumi.config import load_config, phase_config_path
-from cogumi.demo_data import corpus
-from cogumi.errors import EXIT_OK, run_main
-from cogumi.fsutil import aside_name, atomic_write_json
-from cogumi.guards import VALIDATED_STAMP
-from cogumi.manifest import read_manifest, sha256_file
+from cogumi.core.config import load_config, phase_config_path
+from cogumi.core.errors import EXIT_OK, run_main
+from cogumi.core.fsutil import aside_name, atomic_write_json
+from cogumi.core.manifest import read_manifest, sha256_file
+from cogumi.core.stamp import VALIDATED_STAMP
+from cogumi.demo.tasks import corpus
 
 log = logging.getLogger("demo")
 SCRIPTS = Path(__file__).resolve().parent
@@ -51,7 +51,7 @@ def build_base(base_dir: Path, train_path: Path) -> None:
     """Build the tiny bf16 base once; a folder made from the same spec is reused."""
     import torch
 
-    from cogumi.tiny import save_tiny_model
+    from cogumi.demo.tiny import save_tiny_model
 
     spec = {**BASE_SPEC, "data_sha256": sha256_file(train_path)}
     spec_file = base_dir / BASE_SPEC_FILE

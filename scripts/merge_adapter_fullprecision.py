@@ -15,10 +15,10 @@ import argparse
 import logging
 import os
 
-from cogumi import merge
-from cogumi.config import load_config, phase_config_path
-from cogumi.errors import EXIT_FAILED, EXIT_OK, run_main
-from cogumi.manifest import sha256_json
+from cogumi.core.config import load_config, phase_config_path
+from cogumi.core.errors import EXIT_FAILED, EXIT_OK, run_main
+from cogumi.core.manifest import sha256_json
+from cogumi.merge import stream
 
 log = logging.getLogger("merge")
 
@@ -28,13 +28,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--phase", required=True, help="phase name (1a, 1b, demo) or a path to a config YAML")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the logits comparison (it loads one float32 model); the report says skipped")
-    parser.add_argument("overrides", nargs="*", help="config overrides like merge.verify_prompts=2")
+    parser.add_argument("overrides", nargs="*", help="config overrides like stream.verify_prompts=2")
     return parser.parse_args(argv)
 
 
-def build_job(args: argparse.Namespace) -> merge.MergeJob:
+def build_job(args: argparse.Namespace) -> stream.MergeJob:
     config = load_config(phase_config_path(args.phase), args.overrides)
-    return merge.MergeJob(
+    return stream.MergeJob(
         base_model=config.base_model, adapter_dir=config.adapter_dir, out_dir=config.merged_dir,
         verify=config.merge.verify and not args.no_verify, verify_prompts=config.merge.verify_prompts,
         max_abs_diff=config.merge.max_abs_diff, min_top1_agreement=config.merge.min_top1_agreement,
@@ -57,7 +57,7 @@ def summarize(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     job = build_job(args)
-    report = merge.run_merge(job)
+    report = stream.run_merge(job)
     summarize(report)
     return EXIT_OK if report["passed"] else EXIT_FAILED
 

@@ -2,7 +2,7 @@
 
 The right order is train full precision -> merge -> optionally quantize (ISSUES_LOG.md: a LoRA trained on a 4-bit
 base corrupted the merge). The output folder, checkpoints/<phase>_merged-<quant>/, is refused as a base by training
-and merging (its name and its config.json's quantization_config both trip cogumi.guards).
+and merging (its name and its config.json's quantization_config both trip cogumi.core.guards).
 Compare it with the bf16 merge as a win/tie/loss table:
     make validate PHASE=1a ARGS="--candidate checkpoints/phase1a_merged-nf4 --baseline checkpoints/phase1a_merged"
 """
@@ -16,10 +16,10 @@ import shutil
 import time
 from pathlib import Path
 
-from cogumi.config import load_config, phase_config_path
-from cogumi.errors import EXIT_USER_ERROR, UserError, run_main
-from cogumi.fsutil import aside_name, atomic_write_json, dir_size, move_aside
-from cogumi.manifest import read_manifest, weights_fingerprint, write_manifest
+from cogumi.core.config import load_config, phase_config_path
+from cogumi.core.errors import EXIT_USER_ERROR, UserError, run_main
+from cogumi.core.fsutil import aside_name, atomic_write_json, dir_size, move_aside
+from cogumi.core.manifest import read_manifest, weights_fingerprint, write_manifest
 
 log = logging.getLogger("quantize")
 QUANTS = ("nf4", "int8")

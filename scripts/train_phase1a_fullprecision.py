@@ -19,15 +19,16 @@ import logging
 import os
 from contextlib import nullcontext
 
-from cogumi import distributed
-from cogumi.config import load_config, phase_config_path, save_resolved
-from cogumi.data import encode_data, read_data
-from cogumi.disk import estimate_checkpoint_bytes, preflight, sidecar
-from cogumi.errors import EXIT_OK, run_main
-from cogumi.layout import choose_layout, read_saved_layout
-from cogumi.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
-from cogumi.plots import plot_loss
-from cogumi.trainer import TRAIN_LOG, Trainer, export_adapter, finished_adapter, make_plan, prepare_run_dir, summary
+from cogumi.core.config import load_config, phase_config_path, save_resolved
+from cogumi.core.errors import EXIT_OK, run_main
+from cogumi.train import distributed
+from cogumi.train.data import encode_data, read_data
+from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
+from cogumi.train.layout import choose_layout, read_saved_layout
+from cogumi.train.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
+from cogumi.train.plots import plot_loss
+from cogumi.train.trainer import Trainer, export_adapter, finished_adapter, make_plan, prepare_run_dir, summary
+from cogumi.train.trainlog import TRAIN_LOG
 
 log = logging.getLogger("train")
 

@@ -10,8 +10,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO_ROOT / "scripts"
-if str(SCRIPTS) not in sys.path:
-    sys.path.insert(0, str(SCRIPTS))
+# The library and entry scripts, and the speed benchmarks (imported by their tests as plain modules).
+for folder in (SCRIPTS, SCRIPTS / "bench"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 # Tests never reach a hub: everything they load is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -23,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny fp32 Llama in one model.safetensors, with a trained BPE tokenizer and Llama-3 chat template."""
-    from cogumi.tiny import save_tiny_model
+    from cogumi.demo.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 
@@ -33,7 +35,7 @@ def tiny_sharded_bf16_dir(tmp_path_factory) -> Path:
     """The same architecture in bf16, sharded into several safetensors files with an index."""
     import torch
 
-    from cogumi.tiny import save_tiny_model
+    from cogumi.demo.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_sharded") / "tiny-llama-bf16",
                            max_shard_size="40KB", dtype=torch.bfloat16)

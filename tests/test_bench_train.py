@@ -16,7 +16,7 @@ import torch.nn.functional as F
 @pytest.fixture()
 def fast_path():
     """Apply the CPU fast path in this process and undo it afterwards, so other tests see plain classes."""
-    from cogumi import fastpath
+    from cogumi.train import fastpath
 
     applied = fastpath.apply_fast_path("off", "cpu")
     yield applied
@@ -31,7 +31,7 @@ def _tiny_lora(dropout: float = 0.0, seed: int = 0):
 
 
 def _loss_and_grads(model, batch):
-    from cogumi.step import train_step
+    from cogumi.train.step import train_step
 
     model.zero_grad(set_to_none=True)
     loss = train_step(model, batch, 1.0)
@@ -49,7 +49,7 @@ def _batch(vocab: int = 512, bs: int = 2, seq: int = 32):
 
 def test_bench_tiny_cpu_subprocess(run_script, tmp_path):
     """`bench_train.py --shape tiny` on CPU: JSON lines with the reported fields; fast agrees with plain."""
-    proc = run_script("bench_train.py", "--shape", "tiny", "--device", "cpu", "--variants", "baseline,fast-bs1",
+    proc = run_script("bench/bench_train.py", "--shape", "tiny", "--device", "cpu", "--variants", "baseline,fast-bs1",
                       "--steps", "2", "--warmup", "1", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SUMMARY" in proc.stdout
@@ -72,7 +72,7 @@ def test_bench_tiny_cpu_subprocess(run_script, tmp_path):
 
 def test_fast_path_same_loss_and_grads_as_plain(fast_path):
     """Same weights, same batch: the fused LoRA + chunked loss equal peft + transformers' loss (fp32, CPU)."""
-    from cogumi import fastpath
+    from cogumi.train import fastpath
 
     batch = _batch()
     fastpath.remove_fast_path()
@@ -86,7 +86,7 @@ def test_fast_path_same_loss_and_grads_as_plain(fast_path):
 
 
 def test_lora_linear_gradcheck():
-    from cogumi.fastpath import lora_linear
+    from cogumi.train.fastpath import lora_linear
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -101,7 +101,7 @@ def test_lora_linear_gradcheck():
 
 def test_lora_linear_bf16_matches_fp32_reference():
     """bf16 activations with float32 adapters: within bf16 rounding of the float64 result; grads in fp32."""
-    from cogumi.fastpath import lora_linear
+    from cogumi.train.fastpath import lora_linear
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(64, 32, generator=gen)
@@ -117,7 +117,7 @@ def test_lora_linear_bf16_matches_fp32_reference():
 
 
 def test_chunked_cross_entropy_matches_torch():
-    from cogumi.fastpath import chunked_linear_cross_entropy
+    from cogumi.train.fastpath import chunked_linear_cross_entropy
 
     gen = torch.Generator().manual_seed(2)
     hidden = torch.randn(37, 16, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -134,7 +134,7 @@ def test_chunked_cross_entropy_matches_torch():
 
 
 def test_fused_lora_not_used_with_dropout(fast_path):
-    from cogumi.fastpath import _fusable
+    from cogumi.train.fastpath import _fusable
 
     model = _tiny_lora(dropout=0.1)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -146,7 +146,7 @@ def test_fused_lora_not_used_with_dropout(fast_path):
 
 
 def test_selective_checkpointing_same_gradients(fast_path):
-    from cogumi.fastpath import set_checkpointing
+    from cogumi.train.fastpath import set_checkpointing
 
     batch = _batch()
     model = _tiny_lora()
@@ -163,7 +163,7 @@ def test_selective_checkpointing_same_gradients(fast_path):
 
 def test_probe_layout_picks_fastest_fit(monkeypatch):
     """The memory probe with a simulated allocator: the fewest checkpointed layers that fit, fastest micro-batch."""
-    from cogumi import fastpath
+    from cogumi.train import fastpath
 
     model = _tiny_lora()
     n = fastpath.num_layers(model)  # 4
@@ -220,7 +220,7 @@ def test_useful_flops_for_llama_8b():
     """The documented count for the 8B shape at seq 2048: 4N + LoRA + causal attention ~ 31.9 GFLOP/token."""
     from bench_train import SHAPES
 
-    from cogumi.fastpath import useful_flops_per_token
+    from cogumi.train.fastpath import useful_flops_per_token
 
     s = SHAPES["8b"]
     h, i, layers, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
@@ -238,7 +238,7 @@ def test_lm_head_as_lora_target_is_trained_by_the_fast_path(fast_path):
     The chunked loss used lm_head.weight directly, so a LoRA on lm_head took no part in the loss (its gradients
     were None and the loss was that of the base head): the adapter trained everything but the layer asked for.
     """
-    from cogumi import fastpath
+    from cogumi.train import fastpath
 
     batch = _batch()
     targets = ["q_proj", "v_proj", "lm_head"]
@@ -281,7 +281,7 @@ def bench_lora(targets):
 
 
 def _loss_and_grads_keep(model, batch):
-    from cogumi.step import train_step
+    from cogumi.train.step import train_step
 
     model.zero_grad(set_to_none=True)
     return float(train_step(model, batch, 1.0)), None

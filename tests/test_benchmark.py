@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cogumi.errors import UserError
-from cogumi.evaltypes import Problem
-from cogumi.generate import _until_stop, end_of_turn_ids, generate, load_model
-from cogumi.guards import VALIDATED_STAMP
-from cogumi.pairing import check_gates, evaluate_gates, summarize
-from cogumi.report import baseline_outputs, read_baseline_samples, render_markdown, write_reports
+from cogumi.core.errors import UserError
+from cogumi.core.stamp import VALIDATED_STAMP
+from cogumi.evaluate.generate import _until_stop, end_of_turn_ids, generate, load_model
+from cogumi.evaluate.pairing import check_gates, evaluate_gates, summarize
+from cogumi.evaluate.records import Problem
+from cogumi.evaluate.report import baseline_outputs, read_baseline_samples, render_markdown, write_reports
 
 # --- generation ----------------------------------------------------------------------------------------------
 

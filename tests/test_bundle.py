@@ -19,7 +19,7 @@ def test_bundle_has_what_a_gpu_box_needs_and_nothing_heavy(tmp_path):
     for needed in ("Makefile", "README.md", "requirements/base.txt", "requirements/gpu.txt",
                    "scripts/setup_env.sh", "scripts/train_phase1a_fullprecision.py",
                    "scripts/merge_adapter_fullprecision.py", "scripts/benchmark.py", "scripts/monitor_disk.py",
-                   "scripts/cogumi/guards.py", "configs/phase1a.yaml", "data/demo/train.jsonl",
+                   "scripts/cogumi/core/guards.py", "configs/phase1a.yaml", "data/demo/train.jsonl",
                    "docs/TROUBLESHOOTING.md", "checkpoints/.gitkeep"):
         assert needed in names, needed
     assert not any(n.startswith((".venv", ".git/", "dist")) or "__pycache__" in n for n in names)

@@ -13,7 +13,8 @@ import subprocess
 import pytest
 from tmpfs_util import fill_file, mount_tmpfs, unmount
 
-from cogumi.checkpoints import (
+from cogumi.core.errors import EXIT_DISK_STOP
+from cogumi.train.checkpoints import (
     COMPLETE,
     DiskStop,
     RetentionError,
@@ -23,7 +24,6 @@ from cogumi.checkpoints import (
     measured_checkpoint_size,
     save_checkpoint,
 )
-from cogumi.errors import EXIT_DISK_STOP
 
 KB = 1024
 
@@ -143,7 +143,7 @@ def test_failed_deletion_is_an_error_not_a_silent_pass(small_fs):
 
 def test_deletion_that_reports_success_but_leaves_files_is_caught(tmp_path, monkeypatch):
     # The incident: save_total_limit "deleted" and every checkpoint stayed. Simulate a no-op delete.
-    import cogumi.checkpoints as ck
+    import cogumi.train.checkpoints as ck
 
     run = tmp_path / "run"
     save(run, 1, keep_last=1)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cogumi.config import CONFIG_DIR, PhaseConfig, load_config, phase_config_path
-from cogumi.errors import UserError
+from cogumi.core.config import CONFIG_DIR, PhaseConfig, load_config, phase_config_path
+from cogumi.core.errors import UserError
 
 ACCELERATE_DIR = CONFIG_DIR / "accelerate"  # accelerate's own launcher configs, not phase configs
 SHIPPED = sorted(p for p in CONFIG_DIR.rglob("*.y*ml") if ACCELERATE_DIR not in p.parents)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from cogumi.config import DataConfig
-from cogumi.data import (
+from cogumi.core.config import DataConfig
+from cogumi.core.errors import UserError
+from cogumi.train.data import (
     IGNORE_INDEX,
     Batches,
     Collator,
@@ -19,7 +20,6 @@ from cogumi.data import (
     read_data,
     read_rows,
 )
-from cogumi.errors import UserError
 
 MULTI_TURN = {"messages": [
     {"role": "system", "content": "You are terse."},
@@ -99,7 +99,7 @@ def test_missing_local_file_is_a_user_error_offline(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not found"):
         read_rows("someone/some-dataset")  # a hub id is only tried while online
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr("cogumi.data._read_hub_dataset", lambda *a: pytest.fail("a local path went to the hub"))
+    monkeypatch.setattr("cogumi.train.data._read_hub_dataset", lambda *a: pytest.fail("a local path went to the hub"))
     with pytest.raises(UserError, match="not found"):
         read_rows("data/phase9/train.jsonl")  # a repo-relative path is never mistaken for a hub id
 

@@ -2,8 +2,8 @@
 
 The tiny model from test_train trains for real under `python -m torch.distributed.run --standalone`, exactly as
 `make train GPUS=2` launches it. Effective batch 4 everywhere: one process takes micro 2 x accumulation 2, two
-processes take micro 2 x accumulation 1 each (cogumi.layout recomputes it), over the same examples in the same
-order (cogumi.data.Batches: step s uses examples s*4 .. s*4+3 of the epoch's permutation in both cases).
+processes take micro 2 x accumulation 1 each (cogumi.train.layout recomputes it), over the same examples in the same
+order (cogumi.train.data.Batches: step s uses examples s*4 .. s*4+3 of the epoch's permutation in both cases).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from test_train import (  # noqa: F401 - fixtures (one_thread is autouse) and he
     write_config,
 )
 
-from cogumi.checkpoints import list_complete
-from cogumi.errors import UserError
-from cogumi.trainer import STATE_FILE, read_log
+from cogumi.core.errors import UserError
+from cogumi.train.checkpoints import list_complete
+from cogumi.train.trainer import STATE_FILE
+from cogumi.train.trainlog import read_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -170,7 +171,7 @@ def test_resume_with_another_process_count_keeps_the_effective_batch(tmp_path, t
 
 
 def test_a_batch_that_does_not_split_is_refused_with_the_numbers():
-    from cogumi.layout import split_effective_batch
+    from cogumi.train.layout import split_effective_batch
 
     assert split_effective_batch(16, 4, 2) == 2
     assert split_effective_batch(16, 2, 8) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from cogumi import demo_data
+from cogumi.demo import tasks as demo_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,10 @@ import time
 import pytest
 from tmpfs_util import fill_file, mount_tmpfs, unmount
 
-from cogumi.checkpoints import COMPLETE, checkpoint_path
-from cogumi.config import CheckpointConfig, DiskConfig, PhaseConfig
-from cogumi.disk import estimate_checkpoint_bytes, monitor_command, preflight, sidecar
-from cogumi.errors import UserError
+from cogumi.core.config import CheckpointConfig, DiskConfig, PhaseConfig
+from cogumi.core.errors import UserError
+from cogumi.train.checkpoints import COMPLETE, checkpoint_path
+from cogumi.train.disk import estimate_checkpoint_bytes, monitor_command, preflight, sidecar
 
 MB = 1024 * 1024
 # LoRA on all linear layers of Llama-3.1-8B: per layer r * (in + out) for q, k, v, o, gate, up, down.
@@ -87,7 +87,7 @@ def test_preflight_counts_existing_checkpoints_and_uses_the_measured_size(fs):
 
 def test_preflight_warns_above_the_warn_threshold(fs, caplog):
     fill_file(fs / "other", 11 * MB)  # ~69 % used
-    with caplog.at_level(logging.WARNING, logger="cogumi.disk"):
+    with caplog.at_level(logging.WARNING, logger="cogumi.train.disk"):
         preflight(config_on(fs), checkpoint_bytes_estimate=MB, merged_bytes_estimate=MB)
     assert any("% used (warn at 60%)" in r.getMessage() for r in caplog.records)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from tmpfs_util import fill_file, mount_tmpfs, unmount
 
-from cogumi.checkpoints import COMPLETE, latest_complete, list_complete
+from cogumi.train.checkpoints import COMPLETE, latest_complete, list_complete
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TRAIN = SCRIPTS / "train_phase1a_fullprecision.py"

@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from cogumi import evaldata
-from cogumi.errors import UserError
-from cogumi.evaldata import load_task
+from cogumi.core.errors import UserError
+from cogumi.evaluate import sources as evaldata
+from cogumi.evaluate.sources import load_task
 
 
 @pytest.mark.parametrize("source, count", [("math500", 500), ("math", 5000), ("gsm8k", 1319), ("humaneval", 164),

@@ -5,8 +5,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cogumi.guards import quantization_reasons
-from cogumi.safetensors_io import read_header, tensor_entries, weight_files
+from cogumi.core.guards import quantization_reasons
+from cogumi.core.safetensors_io import read_header, tensor_entries, weight_files
 
 
 def test_tiny_model_loads_and_chat_template_formats(tiny_model_dir):

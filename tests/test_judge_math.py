@@ -8,8 +8,15 @@ import time
 
 import pytest
 
-from cogumi.evaldata import load_task
-from cogumi.judge_math import extract_answer, extract_answer_with_source, is_equiv, judge_math, last_boxed, normalize
+from cogumi.evaluate.judge_math import (
+    extract_answer,
+    extract_answer_with_source,
+    is_equiv,
+    judge_math,
+    last_boxed,
+    normalize,
+)
+from cogumi.evaluate.sources import load_task
 
 
 @pytest.fixture(scope="module")

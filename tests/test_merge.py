@@ -14,12 +14,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cogumi import fsutil, merge
-from cogumi.errors import EXIT_FAILED, UserError
-from cogumi.manifest import read_manifest, weights_fingerprint, write_manifest
-from cogumi.merge import MergeJob, run_merge
-from cogumi.safetensors_io import read_header, tensor_entries, weight_files
-from cogumi.tiny import save_tiny_model
+from cogumi.core import fsutil
+from cogumi.core.errors import EXIT_FAILED, UserError
+from cogumi.core.manifest import read_manifest, weights_fingerprint, write_manifest
+from cogumi.core.safetensors_io import read_header, tensor_entries, weight_files
+from cogumi.demo.tiny import save_tiny_model
+from cogumi.merge import stream
+from cogumi.merge.stream import MergeJob, run_merge
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -303,8 +304,8 @@ def test_failed_verification_exits_non_zero_and_keeps_output_aside(tiny_sharded_
     config = tmp_path / "demo.yaml"
     config.write_text(f"name: demo\nbase_model: {tiny_sharded_bf16_dir}\noutput_root: {tmp_path}\n"
                       "merge:\n  verify_prompts: 2\ndisk:\n  margin_mb: 1\n")
-    right_scale = merge.lora_scale
-    monkeypatch.setattr(merge, "lora_scale", lambda *args: 1.5 * right_scale(*args))  # a plausible-looking bug
+    right_scale = stream.lora_scale
+    monkeypatch.setattr(stream, "lora_scale", lambda *args: 1.5 * right_scale(*args))  # a plausible-looking bug
     assert entry.main(["--phase", str(config)]) == EXIT_FAILED
     assert not (tmp_path / "demo_merged").exists()
     failed = list(tmp_path.glob("demo_merged.failed-*"))
@@ -319,7 +320,7 @@ def test_failed_verification_exits_non_zero_and_keeps_output_aside(tiny_sharded_
 MEMORY_CHILD = """
 import json, sys
 from pathlib import Path
-from cogumi.merge import MergeJob, run_merge, peak_rss_mb
+from cogumi.merge.stream import MergeJob, run_merge, peak_rss_mb
 
 def job(base, adapter, out):
     return MergeJob(base_model=base, adapter_dir=Path(adapter), out_dir=Path(out), verify=False, margin_bytes=0)

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from cogumi.errors import UserError
-from cogumi.pairing import (
+from cogumi.core.errors import UserError
+from cogumi.evaluate.pairing import (
     check_gates,
     describe_gate,
     evaluate_gates,

@@ -7,8 +7,8 @@ import pytest
 from quantize import bnb_config, quantized_dir
 from transformers import BitsAndBytesConfig
 
-from cogumi.errors import UserError
-from cogumi.guards import refuse_quantized_base
+from cogumi.core.errors import UserError
+from cogumi.core.guards import refuse_quantized_base
 
 
 def quantized_output_like(tmp_path, tiny_sharded_bf16_dir, quant: str):
@@ -39,7 +39,7 @@ def adapter_for(base, adapter_dir):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from cogumi.manifest import write_manifest
+    from cogumi.core.manifest import write_manifest
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

@@ -18,9 +18,9 @@ import time
 
 import pytest
 
-from cogumi.evaldata import load_task
-from cogumi.evaltypes import Problem
-from cogumi.sandbox import extract_program, isolation, judge_code, judge_many, run_program
+from cogumi.evaluate.records import Problem
+from cogumi.evaluate.sandbox import extract_program, isolation, judge_code, judge_many, run_program
+from cogumi.evaluate.sources import load_task
 
 MBPP_REFERENCE_FAILURES = 0
 REFERENCE_TIMEOUT_S = 30.0  # see the module docstring: mbpp/123

@@ -17,11 +17,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from cogumi.checkpoints import COMPLETE, list_complete
-from cogumi.config import load_config, phase_config_path
-from cogumi.errors import UserError
-from cogumi.manifest import read_manifest, write_manifest
-from cogumi.trainer import STATE_FILE, read_log
+from cogumi.core.config import load_config, phase_config_path
+from cogumi.core.errors import UserError
+from cogumi.core.manifest import read_manifest, write_manifest
+from cogumi.train.checkpoints import COMPLETE, list_complete
+from cogumi.train.trainer import STATE_FILE
+from cogumi.train.trainlog import read_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "train_phase1a_fullprecision.py"
@@ -189,7 +190,7 @@ def test_every_local_quantized_form_is_refused(tmp_path, tiny_base, memorised_da
 
 
 def test_quantized_hub_ids_are_refused_before_any_download(tmp_path, memorised_data, env, no_weight_loading):
-    from cogumi import hub
+    from cogumi.core import hub
 
     def no_network(*args, **kwargs):
         raise AssertionError("the hub was contacted for a base refused by its name")
@@ -208,7 +209,7 @@ def test_quantized_hub_ids_are_refused_before_any_download(tmp_path, memorised_d
 
 
 def test_missing_previous_phase_is_reported_as_missing_not_looked_up():
-    from cogumi.model import build_base
+    from cogumi.train.model import build_base
 
     config = load_config(phase_config_path("1b"), ["output_root=/nonexistent"])
     if (REPO_ROOT / config.base_model).exists():

@@ -1,0 +1,368 @@
+"""Training data: JSONL chat rows -> token ids with loss only on assistant tokens -> deterministic micro-batches.
+
+Rows are either `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}` (several turns
+allowed) or `{"prompt": ..., "response": ..., "system": optional}`. The model's own chat template formats them.
+Labels are -100 everywhere except the tokens of each assistant turn, its end-of-turn token included, so the model
+learns to stop.
+
+Packing puts several whole examples into one row. Attention must never cross examples: every example restarts
+its position_ids and the row carries a block-diagonal causal 4D mask. transformers 4.43.3's flash_attention_2 path
+cannot take that mask (its position_ids-based varlen packing only arrived in 4.44), so packing runs on sdpa/eager;
+model.resolve_runtime picks sdpa for packed runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cogumi.core.config import DataConfig, resolve_path
+from cogumi.core.errors import UserError
+from cogumi.core.fsutil import iter_jsonl
+from cogumi.core.hub import is_offline, local_folder
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ROLES = {"system", "user", "assistant"}
+ROW_FORMAT = ('each line must be {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", '
+              '"content": "..."}]} or {"prompt": "...", "response": "..."}')
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataStats:
+    source: str
+    rows: int = 0
+    examples: int = 0
+    truncated: int = 0  # examples cut to max_seq_len (their tail is not trained on)
+    dropped: int = 0  # examples with no assistant token left after truncation
+    tokens: int = 0
+    label_tokens: int = 0
+    packed_rows: int | None = None
+
+    def describe(self) -> str:
+        text = (f"{self.examples} examples from {self.rows} rows of {self.source}: {self.tokens} tokens, "
+                f"{self.label_tokens} trained on; {self.truncated} truncated, {self.dropped} dropped")
+        return text + (f"; packed into {self.packed_rows} rows" if self.packed_rows is not None else "")
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+def read_rows(source: str, split: str = "train") -> tuple[list[tuple[str, dict]], str]:
+    """(where, row) pairs from a local JSONL file, or from a datasets hub id when the path does not exist."""
+    path = resolve_path(source)
+    if path.exists():
+        return _read_jsonl(path), str(path)
+    looks_local = local_folder(source) is not None or source.endswith((".jsonl", ".json", ".gz"))
+    if is_offline() or looks_local:
+        raise UserError(f"training data not found: {path}", where="data.train_path",
+                        fix="create the JSONL file (" + ROW_FORMAT + "), or name a datasets hub id (owner/name) "
+                            "while online")
+    return _read_hub_dataset(source, split), source
+
+
+def _read_hub_dataset(source: str, split: str) -> list[tuple[str, dict]]:
+    import datasets
+
+    log.info("data: %s is not a local file; loading it from the hub (split %s)", source, split)
+    try:
+        rows = datasets.load_dataset(source, split=split)
+    except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "could not load this id"
+        raise UserError(f"could not load the dataset '{source}' (split {split}): {type(err).__name__}: "
+                        f"{str(err)[:300]}", where="data.train_path",
+                        fix="check the id and split (data.hub_split), your network and HF_TOKEN, "
+                            "or point data.train_path at a local JSONL file") from err
+    return [(f"{source}[{split}] row {i}", dict(row)) for i, row in enumerate(rows)]
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    rows = list(iter_jsonl(path, fix=ROW_FORMAT))
+    if not rows:
+        raise UserError(f"{path} has no rows", where=str(path), fix=ROW_FORMAT)
+    return rows
+
+
+def to_messages(row, where: str) -> list[dict]:
+    """A validated list of chat messages for one row; a malformed row names its file and line."""
+    if isinstance(row, dict) and "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UserError("'messages' must be a non-empty list", where=where, fix=ROW_FORMAT)
+        for i, msg in enumerate(messages):
+            if not (isinstance(msg, dict) and msg.get("role") in ROLES and isinstance(msg.get("content"), str)):
+                raise UserError(f"message {i} needs a role in {sorted(ROLES)} and a string content, got {msg!r:.80}",
+                                where=where, fix=ROW_FORMAT)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise UserError("the row has no assistant message, so nothing to learn", where=where, fix=ROW_FORMAT)
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+        system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
+        return system + [{"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": row["response"]}]
+    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+    raise UserError(f"malformed row (keys: {keys})", where=where, fix=ROW_FORMAT)
+
+
+# ---------------------------------------------------------------- formatting and labels
+
+
+def render_with_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template text of a conversation and the character spans of its assistant turns.
+
+    A turn's span runs from the end of the template's generation prompt to the end of that turn as rendered
+    (its end-of-turn token included): exactly what the model produces at inference.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise UserError("the tokenizer's chat template does not render a conversation as a prefix of the "
+                            "longer one, so assistant tokens cannot be located", where=where,
+                            fix="use the model's own chat template (tokenizer_config.json chat_template)")
+        spans.append((len(prompt), len(upto)))
+    return text, spans
+
+
+def label_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], ids: list[int]) -> list[int]:
+    """-100 for every token whose text starts outside an assistant span."""
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, (start, end) in enumerate(offsets):
+        if end > start and any(lo <= start < hi for lo, hi in spans):
+            labels[k] = ids[k]
+    return labels
+
+
+def encode_rows(tokenizer, rows: list[tuple[str, dict]], max_seq_len: int, stats: DataStats) -> list[Example]:
+    """Tokenize every row (one batched fast-tokenizer call), label assistant tokens, truncate and count."""
+    rendered = [render_with_spans(tokenizer, to_messages(row, where), where) for where, row in rows]
+    # The template already wrote <|begin_of_text|>; add_special_tokens would add a second one.
+    enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    examples = []
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"], strict=True):
+        labels = label_tokens(offsets, spans, ids)
+        if len(ids) > max_seq_len:
+            stats.truncated += 1
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        if all(label == IGNORE_INDEX for label in labels):
+            stats.dropped += 1
+            continue
+        examples.append(Example(ids, labels))
+        stats.tokens += len(ids)
+        stats.label_tokens += sum(label != IGNORE_INDEX for label in labels)
+    stats.rows, stats.examples = len(rows), len(examples)
+    return examples
+
+
+# ---------------------------------------------------------------- packing and collation
+
+
+def pack(examples: list[Example], max_seq_len: int) -> list[list[Example]]:
+    """Greedy, order-preserving: whole examples fill a row until the next one would not fit."""
+    rows, current, used = [], [], 0
+    for ex in examples:
+        if current and used + len(ex.input_ids) > max_seq_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex.input_ids)
+    if current:
+        rows.append(current)
+    return rows
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Pads a micro-batch on the right. Packed rows also get per-example position_ids and a block mask."""
+
+    pad_id: int
+    packed: bool
+    mask_dtype: torch.dtype = torch.float32
+
+    def __call__(self, items: list) -> dict:
+        rows = [item if self.packed else [item] for item in items]
+        width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            at = 0
+            for seg, ex in enumerate(row):
+                n = len(ex.input_ids)
+                ids[b, at:at + n] = torch.tensor(ex.input_ids)
+                labels[b, at:at + n] = torch.tensor(ex.labels)
+                positions[b, at:at + n] = torch.arange(n)
+                segments[b, at:at + n] = seg
+                at += n
+        batch = {"input_ids": ids, "labels": labels}
+        if not self.packed:
+            batch["attention_mask"] = (segments >= 0).long()
+            return batch
+        batch["position_ids"] = positions
+        batch["attention_mask"] = block_causal_mask(segments, self.mask_dtype)
+        return batch
+
+
+def block_causal_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(batch, 1, L, L) additive mask: a token sees earlier tokens of its own example only.
+
+    Padding (segment -1) sees itself, so no softmax row is empty (an all-masked row gives NaN).
+    """
+    length = segments.shape[1]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    same = segments[:, :, None] == segments[:, None, :]
+    allowed = (same & causal) | torch.eye(length, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+# ---------------------------------------------------------------- deterministic order with a saved position
+
+
+class Batches:
+    """An endless stream of collated micro-batches in a seeded order, resumable from `state_dict()`.
+
+    Epoch e visits the items in `randperm(seed + e)`, one effective batch (micro x processes x accumulation) per
+    optimizer step; the tail that does not fill a whole effective batch is left out of that epoch (a different
+    tail each epoch). So the examples of step s are the same however the effective batch is split: with several
+    processes, micro-batch k of the global order goes to rank k % world_size. The position is (epoch, next
+    micro-batch index); a resumed run continues with exactly the batch the interrupted run would have taken next,
+    also with another number of processes or micro-batch size when the examples consumed divide evenly.
+    """
+
+    def __init__(self, items: list, micro_batch_size: int, seed: int, collate: Collator,
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1):
+        if not items:
+            raise UserError("no training examples left after formatting", where="data.train_path",
+                            fix="check the data file and data.max_seq_len")
+        self.items, self.micro_batch_size, self.seed, self.collate = items, micro_batch_size, seed, collate
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation(0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches each process takes per pass over the data (whole optimizer steps only).
+
+        Fewer items than one effective batch still give one (short) step: the trainer refuses that case earlier
+        (trainer.make_plan), this keeps the stream usable on its own.
+        """
+        per_step = self.micro_batch_size * self.world_size * self.grad_accum
+        return max(1, len(self.items) // per_step) * self.grad_accum
+
+    def _permutation(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.items), generator=gen).tolist()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[dict, int]:
+        """(collated micro-batch, its number of real tokens)."""
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        k = self.index * self.world_size + self.rank
+        picked = self._order[k * self.micro_batch_size:(k + 1) * self.micro_batch_size]
+        self.index += 1
+        chosen = [self.items[i] for i in picked]
+        return self.collate(chosen), sum(_length(item) for item in chosen)
+
+    def state_dict(self) -> dict:
+        # "consumed" (examples of this epoch taken by all processes together) is what carries over to another
+        # number of processes or micro-batch size; index is kept for reading.
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "items": len(self.items),
+                "consumed": self.index * self.micro_batch_size * self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["items"] != len(self.items) or state["seed"] != self.seed:
+            raise UserError("the checkpoint's data position does not match this data set (its size or seed changed)",
+                            where="data", fix="train on the same data, or start fresh with RESUME=0")
+        per_index = self.micro_batch_size * self.world_size
+        consumed = state.get("consumed", state["index"] * per_index)
+        if consumed % per_index:
+            raise UserError(f"the checkpoint stopped after {consumed} examples of epoch {state['epoch']}, which is not "
+                            f"a whole number of micro-batches of {self.micro_batch_size} x {self.world_size} processes",
+                            where="train.micro_batch_size / GPUS",
+                            fix="resume with the micro-batch size and process count the checkpoint was saved with")
+        self.epoch, self.index = state["epoch"], consumed // per_index
+        self._order = self._permutation(self.epoch)
+
+
+@dataclass(frozen=True)
+class Rows:
+    source: str
+    rows: list  # (where, row) pairs, every row already checked by to_messages
+
+
+def read_data(cfg: DataConfig) -> Rows:
+    """Read and check every row without a tokenizer, so a bad data file fails before the base downloads."""
+    rows, source = read_rows(cfg.train_path, cfg.hub_split)
+    for where, row in rows:
+        to_messages(row, where)
+    return Rows(source, rows)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Tokenized training items (examples, or packed rows of examples) and the collator that batches them."""
+
+    items: list
+    collate: Collator
+    seed: int  # the data order's seed (train.seed + data.shuffle_seed)
+    stats: DataStats
+
+    def batches(self, micro_batch_size: int, *, rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> Batches:
+        return Batches(self.items, micro_batch_size, self.seed, self.collate, rank, world_size, grad_accum)
+
+
+def encode_data(cfg: DataConfig, data: Rows, tokenizer, *, seed: int, mask_dtype: torch.dtype) -> Encoded:
+    """Format, label, truncate and optionally pack; the micro-batching comes later (it may depend on a probe)."""
+    rows, source = data.rows, data.source
+    stats = DataStats(source=source)
+    examples = encode_rows(tokenizer, rows, cfg.max_seq_len, stats)
+    items: list = examples
+    if cfg.packing:
+        # Pack in a seeded order so rows mix examples from across the file, not neighbours only.
+        gen = torch.Generator().manual_seed(cfg.shuffle_seed)
+        items = pack([examples[i] for i in torch.randperm(len(examples), generator=gen).tolist()], cfg.max_seq_len)
+        stats.packed_rows = len(items)
+    if stats.truncated:
+        log.warning("data: %d of %d examples were longer than max_seq_len=%d and were truncated",
+                    stats.truncated, stats.examples + stats.dropped, cfg.max_seq_len)
+    log.info("data: %s", stats.describe())
+    collate = Collator(pad_id=_pad_id(tokenizer), packed=cfg.packing, mask_dtype=mask_dtype)
+    return Encoded(items, collate, seed + cfg.shuffle_seed, stats)
+
+
+def build_data(cfg: DataConfig, data: Rows, tokenizer, *, micro_batch_size: int, seed: int,
+               mask_dtype: torch.dtype, rank: int = 0, world_size: int = 1) -> tuple[Batches, DataStats]:
+    """encode_data + a batch stream with a fixed micro-batch size."""
+    encoded = encode_data(cfg, data, tokenizer, seed=seed, mask_dtype=mask_dtype)
+    return encoded.batches(micro_batch_size, rank=rank, world_size=world_size), encoded.stats
+
+
+def _length(item) -> int:
+    return sum(len(ex.input_ids) for ex in item) if isinstance(item, list) else len(item.input_ids)
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    # Padding is masked out of attention and labels, so any id works; Llama 3.1 ships no pad token.
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

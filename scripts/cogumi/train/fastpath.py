@@ -1,0 +1,498 @@
+"""The fast training path (issue 8): fused kernels and related switches, applied before the model loads.
+
+What it changes, each piece measured in docs/PERFORMANCE.md ("Training speed on the GPU"):
+
+- Liger kernels (CUDA only, when `liger_kernel` imports): RMSNorm, RoPE and SwiGLU as fused Triton kernels.
+- Fused LoRA linear (any device): peft's `lora.Linear.forward` computes, per layer, a float32 copy of the input
+  (peft keeps adapters in float32), a float32 product, a float32 scaled copy and a float32 sum cast back to bf16, and
+  saves the float32 input copy for backward. The fused version runs `y = x W^T + s (x A^T) B^T` as one autograd
+  function in the activation dtype (adapters stay float32 master weights; their gradients come back in float32),
+  adds the LoRA term in place, and saves only the bf16 input (shared with the other projections of the same input)
+  and the rank-r product. Used only where it is exactly the same function: one active adapter, no dropout, no DoRA,
+  not merged, frozen base weight. Anything else falls back to peft's own forward.
+- Chunked linear + cross-entropy (any device): `LlamaForCausalLM.forward` with labels computes the loss and the
+  gradient of the hidden states chunk by chunk (fp32 softmax), so the (tokens x vocab) logits are never held whole.
+  Chunks of ~512 rows keep the LM-head products large enough to run at the matmul rate (Liger 0.3.1's fused
+  version uses 64-row chunks for a 128k vocabulary: the 1 GB head weight is re-read 32 times per 2k tokens).
+  When lm_head is not a plain nn.Linear (a LoRA target, modules_to_save) the original forward runs instead.
+- Selective activation checkpointing (`set_checkpointing(model, layers)`), and a memory probe that picks the
+  micro-batch and checkpointing layout that fits a budget (`probe_layout`).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+_STATE = {"fused_lora": False, "chunked_loss": False, "liger": False}
+CE_CHUNK_ELEMENTS = 512 * 131072  # rows x vocab per loss chunk (fp32: 256 MiB), about 512 rows for Llama 3
+
+
+def _truthy(value) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"auto", ""}:
+        return None
+    if text in {"1", "true", "on", "yes"}:
+        return True
+    if text in {"0", "false", "off", "no"}:
+        return False
+    raise ValueError(f"expected auto/on/off, got {value!r}")
+
+
+def liger_available() -> str | None:
+    """liger_kernel's version when it imports (it needs Triton and a CUDA device to run), else None."""
+    try:
+        from importlib.metadata import version
+
+        import liger_kernel  # noqa: F401
+
+        return version("liger-kernel")
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+
+
+def apply_fast_path(liger: str, device_type: str, *, fused_lora: bool = True, chunked_loss: bool = True,
+                    liger_loss: bool = False) -> dict:
+    """Patch model classes for the fast path when asked and possible; returns what was applied.
+
+    Called by the trainer and the benchmark before the model is instantiated (Liger patches classes).
+    `liger`: auto (on where liger_kernel imports and the device is CUDA), on (required), off.
+    `fused_lora` and `chunked_loss` are plain PyTorch and run on any device. `liger_loss` swaps the chunked loss
+    for Liger's fused linear cross-entropy (kept to measure against; slower for the Llama-3 vocabulary).
+    """
+    want = _truthy(liger)
+    version = liger_available()
+    on_gpu = device_type == "cuda"
+    use_liger = bool(version) and on_gpu if want is None else want
+    if want and not (version and on_gpu):
+        from cogumi.core.errors import UserError
+
+        raise UserError("train.liger is on but Liger kernels cannot run here",
+                        where=f"device {device_type}, liger_kernel {version or 'not installed'}",
+                        fix="use train.liger=auto (off where unavailable) or install liger-kernel on a CUDA host")
+    applied = {"liger": False, "liger_version": version, "fused_lora": False, "chunked_loss": False,
+               "liger_loss": False}
+    if use_liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=bool(liger_loss))
+        applied["liger"] = True
+        applied["liger_loss"] = bool(liger_loss)
+        _STATE["liger"] = True
+    if fused_lora:
+        _patch_peft_lora()
+        applied["fused_lora"] = True
+    if chunked_loss and not applied["liger_loss"]:
+        _patch_causal_lm_loss()
+        applied["chunked_loss"] = True
+    log.info("fast path: %s", applied)
+    return applied
+
+
+def remove_fast_path() -> None:
+    """Undo the class patches of apply_fast_path that this module made (fused LoRA, chunked loss).
+
+    Liger's own patches are not undone (Liger 0.3.1 has no undo); tests that need a clean process use a subprocess.
+    """
+    if _STATE["fused_lora"]:
+        from peft.tuners.lora import layer as lora_layer
+
+        lora_layer.Linear.forward = lora_layer.Linear.forward.__wrapped__
+        _STATE["fused_lora"] = False
+    if _STATE["chunked_loss"]:
+        from transformers.models.llama import modeling_llama
+
+        cls = modeling_llama.LlamaForCausalLM
+        cls.forward = cls.forward.__wrapped__
+        _STATE["chunked_loss"] = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused LoRA linear
+
+
+class _LoraLinearFn:
+    """Namespace for the autograd function (built lazily so importing this module needs no torch)."""
+
+    fn = None
+
+
+def _lora_fn():
+    if _LoraLinearFn.fn is not None:
+        return _LoraLinearFn.fn
+    import torch
+    import torch.nn.functional as F
+
+    class LoraLinear(torch.autograd.Function):
+        """y = x W^T + b + s (x A^T) B^T with W, b frozen; A, B (any float dtype) get gradients in their dtype."""
+
+        @staticmethod
+        def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+            dtype = x.dtype
+            shape = x.shape
+            x2 = x.reshape(-1, shape[-1])
+            a = lora_a.to(dtype)
+            b_scaled = (lora_b * scaling).to(dtype)
+            xa = x2 @ a.t()  # (T, r)
+            y = F.linear(x2, weight, bias)
+            y.addmm_(xa, b_scaled.t())
+            ctx.save_for_backward(x2, weight, a, b_scaled, xa)
+            ctx.scaling = scaling
+            ctx.shape = shape
+            ctx.param_dtypes = (lora_a.dtype, lora_b.dtype)
+            return y.view(*shape[:-1], y.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x2, weight, a, b_scaled, xa = ctx.saved_tensors
+            dy = grad_out.reshape(-1, grad_out.shape[-1])
+            if dy.dtype != x2.dtype:
+                dy = dy.to(x2.dtype)
+            dyb = dy @ b_scaled  # (T, r) = s * dy B
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = dy @ weight
+                grad_x.addmm_(dyb, a)
+                grad_x = grad_x.view(ctx.shape)
+            grad_a = grad_b = None
+            if ctx.needs_input_grad[3]:
+                grad_a = (dyb.t() @ x2).to(ctx.param_dtypes[0])
+            if ctx.needs_input_grad[4]:
+                grad_b = (dy.t() @ xa).to(ctx.param_dtypes[1]) * ctx.scaling
+            return grad_x, None, None, grad_a, grad_b, None
+
+    _LoraLinearFn.fn = LoraLinear
+    return LoraLinear
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float):
+    """The fused LoRA linear as a function (also used by tests against the plain formula)."""
+    return _lora_fn().apply(x, weight, bias, lora_a, lora_b, scaling)
+
+
+def _fusable(layer, x, args, kwargs) -> str | None:
+    """The active adapter name when this peft lora.Linear call can take the fused path, else None."""
+    import torch.nn as nn
+
+    if args or kwargs or layer.disable_adapters or layer.merged:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear or base.weight.requires_grad or getattr(layer, "fan_in_fan_out", False):
+        return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    if layer.use_dora.get(name, False) or not isinstance(layer.lora_dropout[name], nn.Identity):
+        return None
+    if not x.dtype.is_floating_point or x.dtype != base.weight.dtype:
+        return None
+    return name
+
+
+def _patch_peft_lora() -> None:
+    if _STATE["fused_lora"]:
+        return
+    from peft.tuners.lora import layer as lora_layer
+
+    original = lora_layer.Linear.forward
+
+    def forward(self, x, *args, **kwargs):
+        name = _fusable(self, x, args, kwargs)
+        if name is None:
+            return original(self, x, *args, **kwargs)
+        base = self.get_base_layer()
+        return lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                           float(self.scaling[name]))
+
+    forward.__wrapped__ = original
+    lora_layer.Linear.forward = forward
+    _STATE["fused_lora"] = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chunked linear + cross-entropy
+
+
+def _ce_fn():
+    import torch
+
+    class ChunkedLinearCE(torch.autograd.Function):
+        """Mean cross-entropy of (hidden @ weight^T) against labels, computed chunk by chunk.
+
+        The gradient with respect to the hidden states (and the weight, if it needs one) is computed in the
+        forward pass, one chunk at a time, so no (tokens x vocab) tensor outlives its chunk.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows):
+            n_valid = (labels != ignore_index).sum()
+            denom = n_valid.clamp(min=1).to(torch.float32)
+            grad_h = torch.empty_like(hidden)
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h = hidden[start:start + chunk_rows]
+                lab = labels[start:start + chunk_rows]
+                logits = (h @ weight.t()).float()
+                valid = lab != ignore_index
+                target = torch.where(valid, lab, torch.zeros_like(lab))
+                lse = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, target[:, None]).squeeze(1)
+                total += ((lse - picked) * valid).sum()
+                # d loss / d logits = (softmax - onehot) * valid / n_valid, built in place over the logits
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs.scatter_add_(1, target[:, None], -valid[:, None].to(probs.dtype))
+                probs.mul_((valid.to(probs.dtype) / denom)[:, None])
+                g = probs.to(weight.dtype)
+                del logits, probs
+                grad_h[start:start + chunk_rows] = g @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(g.t().float(), h.float())
+            ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+            ctx.has_grad_w = grad_w is not None
+            ctx.weight_dtype = weight.dtype
+            return total / denom
+
+        @staticmethod
+        def backward(ctx, grad_loss):
+            grad_h, grad_w = ctx.saved_tensors
+            gh = grad_h * grad_loss.to(grad_h.dtype)
+            gw = (grad_w * grad_loss).to(ctx.weight_dtype) if ctx.has_grad_w else None
+            return gh, gw, None, None, None
+
+    return ChunkedLinearCE
+
+
+_CE = {"fn": None}
+
+
+def chunked_linear_cross_entropy(hidden, weight, labels, ignore_index: int = -100, chunk_rows: int | None = None):
+    """Mean CE over tokens of `hidden (T, H) @ weight (V, H)^T` against `labels (T,)`, without full logits."""
+    if _CE["fn"] is None:
+        _CE["fn"] = _ce_fn()
+    if chunk_rows is None:
+        chunk_rows = max(16, CE_CHUNK_ELEMENTS // max(1, weight.shape[0]))
+    return _CE["fn"].apply(hidden, weight, labels, ignore_index, int(chunk_rows))
+
+
+def _patch_causal_lm_loss() -> None:
+    if _STATE["chunked_loss"]:
+        return
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.models.llama import modeling_llama
+
+    cls = modeling_llama.LlamaForCausalLM
+    original = cls.forward
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, cache_position=None, **kwargs):
+        # The chunked loss multiplies by lm_head.weight itself, so it is only the same function when lm_head is a
+        # plain nn.Linear: a LoRA (or modules_to_save) wrapper on lm_head would be silently skipped.
+        if labels is None or kwargs or getattr(self.config, "pretraining_tp", 1) > 1 or \
+                type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:
+            return original(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                            use_cache=use_cache, output_attentions=output_attentions,
+                            output_hidden_states=output_hidden_states, return_dict=return_dict,
+                            cache_position=cache_position, **kwargs)
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                             return_dict=True, cache_position=cache_position)
+        hidden = outputs[0]
+        # Shift the labels rather than the hidden states: a view of the hidden states, no copy.
+        shifted = F.pad(labels[..., 1:], (0, 1), value=-100).to(hidden.device)
+        loss = chunked_linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                            shifted.reshape(-1))
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    forward.__wrapped__ = original
+    cls.forward = forward
+    _STATE["chunked_loss"] = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activation checkpointing and the memory probe
+
+
+def _decoder(model):
+    """The module that holds `.layers` and `.gradient_checkpointing` (LlamaModel under peft/CausalLM wrappers)."""
+    seen = model
+    for _ in range(6):
+        if hasattr(seen, "layers") and hasattr(seen, "gradient_checkpointing"):
+            return seen
+        for attr in ("base_model", "model"):
+            nxt = getattr(seen, attr, None)
+            if nxt is not None and nxt is not seen:
+                seen = nxt
+                break
+        else:
+            break
+    raise TypeError(f"no decoder with .layers found in {type(model).__name__}")
+
+
+def set_checkpointing(model, layers: int) -> list[int]:
+    """Activation checkpointing on `layers` decoder layers spread evenly (0: none, all: every layer).
+
+    Non-reentrant torch checkpointing, so inputs need no requires_grad and custom autograd functions recompute.
+    Returns the indices of the checkpointed layers. Each checkpointed layer keeps only its input for backward and
+    runs its forward twice, so the recompute costs about 1/3 of that layer's step time.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    decoder = _decoder(model)
+    n_layers = len(decoder.layers)
+    layers = max(0, min(int(layers), n_layers))
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False
+    if layers == 0:
+        decoder.gradient_checkpointing = False
+        return []
+    chosen = sorted({int((i + 0.5) * n_layers / layers) for i in range(layers)})
+    ids = {id(decoder.layers[i]) for i in chosen}
+
+    def checkpoint_some(fn, *args, **kwargs):
+        if id(getattr(fn, "__self__", None)) in ids:
+            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        return fn(*args, **kwargs)
+
+    decoder.gradient_checkpointing = True
+    decoder._gradient_checkpointing_func = checkpoint_some
+    return chosen
+
+
+def num_layers(model) -> int:
+    return len(_decoder(model).layers)
+
+
+def _one_step(model, batch, step) -> int | None:
+    """Peak allocated bytes of one step from a clean state; None on out-of-memory."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step(model, batch, 1.0)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    except torch.cuda.OutOfMemoryError:
+        peak = None
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
+def probe_layout(model, make_batch: Callable[[int], dict], step: Callable, budget_bytes: int,
+                 micro_batches: Iterable[int] = (4, 3, 2, 1), time_steps: int = 2, margin: float = 0.02) -> dict:
+    """Pick the micro-batch and the number of checkpointed layers that train fastest within `budget_bytes`.
+
+    For each micro-batch: one step with every layer checkpointed and one with half gives the memory each
+    un-checkpointed layer adds; the fewest checkpointed layers that fit the budget (less `margin`) is then run to
+    confirm its peak, and timed over `time_steps` steps. The fastest confirmed layout wins; the model is left set
+    to it with gradients cleared. A CUDA device is required (memory is read from the caching allocator).
+    """
+    import torch
+
+    n = num_layers(model)
+    limit = budget_bytes * (1 - margin)
+    tried = []
+    best = None
+    for bs in micro_batches:
+        batch = make_batch(bs)
+        set_checkpointing(model, n)
+        peak_all = _one_step(model, batch, step)
+        row = {"micro_batch": bs, "peak_all_gib": None if peak_all is None else round(peak_all / 2**30, 2)}
+        tried.append(row)
+        if peak_all is None or peak_all > limit:
+            row["fits"] = False
+            continue
+        set_checkpointing(model, n // 2)
+        peak_half = _one_step(model, batch, step)
+        if peak_half is None:
+            layers = n
+        else:
+            per_layer = max(1, peak_half - peak_all) / max(1, n - n // 2)
+            layers = n - int((limit - peak_all) // per_layer)
+            layers = max(0, min(n, layers))
+        while True:
+            set_checkpointing(model, layers)
+            peak = _one_step(model, batch, step)
+            if (peak is not None and peak <= limit) or layers >= n:
+                break
+            layers = min(n, layers + max(1, n // 16))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(time_steps):
+            step(model, batch, 1.0)
+            model.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+        tok_s = time_steps * sum(int(v.numel()) for k, v in batch.items() if k == "input_ids") / seconds
+        row.update({"checkpoint_layers": layers, "peak_gib": None if peak is None else round(peak / 2**30, 2),
+                    "tokens_per_s": round(tok_s, 1), "fits": True})
+        if best is None or tok_s > best["tokens_per_s"]:
+            best = row
+    if best is None:
+        raise RuntimeError(f"no layout fits {budget_bytes / 2**30:.1f} GiB: {tried}")
+    set_checkpointing(model, best["checkpoint_layers"])
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"micro_batch": best["micro_batch"], "checkpoint_layers": best["checkpoint_layers"], "tried": tried}
+
+
+def lora_matmul_params(model) -> dict:
+    """Sizes for the FLOP count: frozen matmul parameters (decoder linears + LM head) and LoRA (in+out)*r sums."""
+    import torch.nn as nn
+
+    frozen = 0
+    lora_io_r = 0
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
+            base = module.get_base_layer()
+            for name in module.lora_A:
+                r = module.lora_A[name].weight.shape[0]
+                lora_io_r += r * (base.in_features + base.out_features)
+        elif isinstance(module, nn.Linear) and not getattr(module, "_cogumi_in_lora", False):
+            frozen += module.weight.numel()
+    return {"frozen_matmul_params": frozen, "lora_io_r": lora_io_r}
+
+
+def mark_lora_children(model) -> None:
+    """Tag the lora_A/lora_B linears so the FLOP count skips them (their FLOPs are counted separately)."""
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
+            for sub in list(module.lora_A.values()) + list(module.lora_B.values()):
+                sub._cogumi_in_lora = True
+
+
+def useful_flops_per_token(frozen_matmul_params: int, lora_io_r: int, n_layers: int, attn_dim: int,
+                           seq_len: int) -> float:
+    """Useful FLOPs per trained token, recompute not counted.
+
+    frozen linears (decoder + LM head): forward 2N + input-gradient backward 2N = 4N (no weight gradient);
+    LoRA: forward, input gradient and weight gradient, 2 FLOPs each per (in+out)*r: 6 * sum r(in+out);
+    causal attention (d = heads x head_dim, s = sequence length): QK^T and PV forward 2*s*d each per token,
+    halved by the causal mask (a token sees s/2 keys on average) -> 2*s*d; backward twice the forward -> 4*s*d;
+    6*s*d per layer. Embedding lookups, norms, activations and the optimizer are not counted.
+    """
+    attention = 6.0 * seq_len * attn_dim * n_layers
+    return 4.0 * frozen_matmul_params + 6.0 * lora_io_r + attention
+

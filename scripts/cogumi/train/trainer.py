@@ -1,0 +1,424 @@
+"""A plain PyTorch LoRA training loop whose resume is exact.
+
+Not the HF Trainer: every piece of state a resumed run needs (LoRA weights, AdamW moments, scheduler, the
+torch/numpy/python RNGs that dropout draws from, the data position, the step) is saved by this module in one
+checkpoint folder, through cogumi.train.checkpoints (COMPLETE marker last, room check first, verified retention).
+A run killed at any moment and started again ends with the same adapter as an uninterrupted run with the seed.
+
+With several processes (torchrun, docs/MULTI_GPU.md) the model is wrapped in DistributedDataParallel, gradients are
+all-reduced once per optimizer step, rank 0 alone writes checkpoints, logs and the adapter, and each rank's RNG state
+is saved beside the others (rng-rank<k>.pt), so the resume is exact with N processes too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cogumi.core.config import PhaseConfig
+from cogumi.core.errors import UserError
+from cogumi.core.fsutil import move_aside
+from cogumi.core.manifest import sha256_json
+from cogumi.train import distributed
+from cogumi.train.checkpoints import latest_complete, list_complete, measured_checkpoint_size, save_checkpoint
+from cogumi.train.data import Batches
+from cogumi.train.layout import Layout, write_layout
+from cogumi.train.model import Runtime, trainable_parameters
+from cogumi.train.step import accumulate
+from cogumi.train.trainlog import TRAIN_LOG, append_row, truncate_log
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.pt"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RNG_FILE = "rng-rank{rank}.pt"
+# Keys that do not change what is trained: a resumed run may change them freely. The split of the effective batch
+# into micro-batch x accumulation is one of them (the hash records the effective batch instead); memory and speed
+# settings are others.
+_NOT_TRAINING = {"train": {"log_every", "device", "liger", "attention", "gradient_checkpointing", "checkpoint_layers",
+                           "memory_budget_gib", "micro_batch_size", "grad_accum"}}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The step count, fixed before the model loads: it depends on the data size and the effective batch only."""
+
+    effective_batch: int
+    rows: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def describe(self) -> str:
+        return (f"{self.rows} training rows, {self.effective_batch} per optimizer step: {self.steps_per_epoch} steps "
+                f"per epoch ({self.rows - self.steps_per_epoch * self.effective_batch} rows left out of each epoch, a "
+                f"different few each time); {self.total_steps} optimizer steps ({self.warmup_steps} warm-up)")
+
+
+@dataclass
+class Result:
+    steps: int
+    final_loss: float | None
+    tokens_per_s: float | None
+    peak_mem_gib: float
+    seconds: float
+    resumed_from: str | None
+
+
+def effective_batch(config: PhaseConfig) -> int:
+    """Examples per optimizer step: micro_batch_size x grad_accum as configured, on any number of processes."""
+    return config.train.micro_batch_size * config.train.grad_accum
+
+
+def make_plan(config: PhaseConfig, rows: int) -> Plan:
+    t = config.train
+    eff = effective_batch(config)
+    per_epoch = rows // eff
+    if per_epoch < 1:
+        raise UserError(f"{rows} training rows are fewer than one effective batch ({eff} = train.micro_batch_size "
+                        f"{t.micro_batch_size} x train.grad_accum {t.grad_accum})", where="data.train_path",
+                        fix="add data, or lower train.grad_accum")
+    total = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * per_epoch)
+    if total < 1:
+        raise UserError("this run would take 0 optimizer steps", where="train.max_steps / train.epochs",
+                        fix="set train.max_steps or raise train.epochs")
+    return Plan(eff, rows, per_epoch, total, math.ceil(t.warmup_ratio * total))
+
+
+def training_hash(config: PhaseConfig) -> str:
+    """Identity of what is trained: a checkpoint is only resumed by a run with the same one."""
+    values = config.to_dict()
+    picked = {k: values[k] for k in ("base_model", "data", "lora", "train")}
+    picked["train"] = {k: v for k, v in picked["train"].items() if k not in _NOT_TRAINING["train"]}
+    picked["train"]["effective_batch"] = effective_batch(config)
+    return sha256_json(picked)
+
+
+# ---------------------------------------------------------------- run folder and resume choice
+
+
+def prepare_run_dir(config: PhaseConfig, *, fresh: bool) -> Path | None:
+    """The checkpoint to resume from (the newest COMPLETE one), or None; RESUME=0 moves an old run aside first."""
+    run_dir = config.run_dir
+    if fresh and run_dir.exists():
+        aside = move_aside(run_dir, "old")
+        log.info("RESUME=0: moved the previous run %s aside to %s (nothing deleted)", run_dir, aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = latest_complete(run_dir)
+    ignored = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir()
+                     and p not in {path for _, path in list_complete(run_dir)})
+    if ignored:
+        log.warning("ignoring %s: no COMPLETE marker (an interrupted save)", ", ".join(ignored))
+    if checkpoint is not None:
+        log.info("resume: continuing from %s (the newest complete checkpoint; RESUME=0 starts fresh)", checkpoint)
+    return checkpoint
+
+
+# ---------------------------------------------------------------- RNG and state
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_mem_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    """Owns the optimizer, scheduler and step counter; `fit()` runs the loop to plan.total_steps."""
+
+    def __init__(self, config: PhaseConfig, model, batches: Batches, runtime: Runtime, plan: Plan, layout: Layout,
+                 *, checkpoint_estimate: int):
+        from transformers import get_scheduler
+
+        self.config, self.model, self.batches, self.runtime = config, model, batches, runtime
+        self.plan, self.layout = plan, layout
+        self.params = trainable_parameters(model)
+        self.engine, self.no_sync = wrap_for_distributed(model, runtime)
+        t = config.train
+        # Fused AdamW keeps the whole update in one kernel per parameter group on a GPU.
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                           fused=runtime.device.type == "cuda")
+        self.scheduler = get_scheduler(t.lr_scheduler, self.optimizer, num_warmup_steps=plan.warmup_steps,
+                                       num_training_steps=plan.total_steps)
+        self.step = 0
+        self.resumed_from: str | None = None
+        self.checkpoint_estimate = checkpoint_estimate
+        self.log_path = config.run_dir / TRAIN_LOG
+        self.last_loss: float | None = None
+        self.last_tps: float | None = None
+        # Per-rank seeds: dropout on two ranks must not draw the same masks. Rank 0 keeps the one-process stream.
+        seed_everything(t.seed + runtime.rank)
+
+    # -- checkpoints
+
+    def _write_checkpoint(self, folder: Path, rng_states: list[dict]) -> None:
+        self.model.save_pretrained(folder / "adapter", safe_serialization=True)
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict(),
+                 "training_hash": training_hash(self.config), "total_steps": self.plan.total_steps,
+                 "world_size": self.layout.world_size}
+        torch.save(state, folder / STATE_FILE)
+        for rank, rng in enumerate(rng_states):
+            torch.save(rng, folder / RNG_FILE.format(rank=rank))
+        write_layout(folder, self.layout)
+
+    def save(self) -> Path:
+        """Every rank hands its RNG state to rank 0, which writes the checkpoint; all ranks get its path or error.
+
+        The LoRA weights and AdamW moments are the same on every rank (DDP averages the gradients before the step),
+        so rank 0's copy is the checkpoint. The broadcast at the end is the barrier: no rank runs ahead of a save
+        that failed (DiskStop ends every rank with exit code 3).
+        """
+        rng_states = distributed.gather(rng_state())
+        ck = self.config.checkpoints
+
+        def write() -> Path:
+            return save_checkpoint(self.config.run_dir, self.step, lambda folder: self._write_checkpoint(
+                folder, rng_states), keep_last=ck.keep_last, margin_bytes=self.config.disk.margin_mb * 1024 * 1024,
+                expected_bytes=measured_checkpoint_size(self.config.run_dir) or self.checkpoint_estimate)
+
+        return distributed.on_main(write)
+
+    def resume(self, checkpoint: Path, *, force: bool = False) -> None:
+        """Restore everything a checkpoint holds; the next step is exactly the one the saved run would take.
+
+        Every rank reads the same complete checkpoint (rank 0 chose it and broadcast the path).
+        """
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+        self._check_compatible(state, checkpoint, force)
+        weights = load_file(checkpoint / "adapter" / ADAPTER_WEIGHTS, device=str(self.runtime.device))
+        result = set_peft_model_state_dict(self.model, weights)
+        missing = [k for k in result.unexpected_keys if "lora_" in k]
+        if missing:
+            raise UserError(f"{checkpoint} does not fit this LoRA ({len(missing)} unexpected tensors)",
+                            where=str(checkpoint), fix="start fresh with RESUME=0 (the old run is moved aside)")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        self.step = state["step"]
+        self._restore_rng(checkpoint, state)
+        self.resumed_from = checkpoint.name
+        distributed.on_main(truncate_log, self.log_path, self.step)
+
+    def _restore_rng(self, checkpoint: Path, state: dict) -> None:
+        """This rank's saved RNG state; with another process count there is none to match, so a fresh seed."""
+        rank, saved_world = self.runtime.rank, state.get("world_size", 1)
+        path = checkpoint / RNG_FILE.format(rank=rank)
+        if saved_world == self.layout.world_size and path.is_file():
+            set_rng_state(torch.load(path, map_location="cpu", weights_only=False))
+        elif saved_world == self.layout.world_size and "rng" in state:  # a checkpoint from before rng-rank<k>.pt
+            set_rng_state(state["rng"])
+        else:
+            seed_everything(self.config.train.seed + 1000 * self.step + rank)
+            if self.runtime.is_main:
+                log.warning("resume: %s was saved by %d process(es), this run has %d: the data position and the "
+                            "weights carry over exactly, the random streams (LoRA dropout) start afresh",
+                            checkpoint.name, saved_world, self.layout.world_size)
+
+    def _check_compatible(self, state: dict, checkpoint: Path, force: bool) -> None:
+        same = state.get("training_hash") == training_hash(self.config)
+        if same and state.get("total_steps") == self.plan.total_steps:
+            return
+        message = (f"{checkpoint} was saved by a run with different training settings (data, LoRA, train.*, the "
+                   "effective batch or the step count changed)")
+        if not force:
+            raise UserError(message, where=str(checkpoint),
+                            fix="undo the change, or RESUME=0 to start fresh (the old run is moved aside), or "
+                                "FORCE=1 to continue anyway")
+        if self.runtime.is_main:
+            log.warning("FORCE=1: %s; continuing from it anyway", message)
+
+    # -- the loop
+
+    def fit(self) -> Result:
+        from tqdm.auto import tqdm
+
+        t = self.config.train
+        start, window = time.perf_counter(), _Window(self.runtime.device)
+        bar = tqdm(total=self.plan.total_steps, initial=self.step, desc=self.config.name, unit="step",
+                   disable=not self.runtime.is_main, dynamic_ncols=True)
+        self.engine.train()
+        while self.step < self.plan.total_steps:
+            loss, tokens = self._optimizer_step(t.max_grad_norm)
+            self.step += 1
+            window.add(loss, tokens)
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == self.plan.total_steps:
+                self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
+                bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.last_tps:.0f}")
+            if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
+                self.save()
+        bar.close()
+        return Result(self.step, self.last_loss, self.last_tps, peak_mem_gib(self.runtime.device),
+                      time.perf_counter() - start, self.resumed_from)
+
+    def _optimizer_step(self, max_grad_norm: float) -> tuple[torch.Tensor, int]:
+        """grad_accum micro-batches through cogumi.train.step.accumulate, clip, step; returns (mean loss, tokens)."""
+        tokens = []
+        device = self.runtime.device
+
+        def micro_batches():
+            for _ in range(self.layout.grad_accum):
+                batch, n = next(self.batches)
+                tokens.append(n)
+                yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+        # no .item() anywhere here: the GPU never waits for the host
+        loss = accumulate(self.engine, micro_batches(), self.layout.grad_accum, self.no_sync)
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, sum(tokens)
+
+    def _log(self, window: dict) -> None:
+        self.last_loss, self.last_tps = window["loss"], window["tokens_per_s"]
+        if not self.runtime.is_main:
+            return
+        row = {"step": self.step, "loss": round(window["loss"], 6), "lr": self.scheduler.get_last_lr()[0],
+               "tokens_per_s": round(window["tokens_per_s"], 1),
+               "peak_mem_gib": round(peak_mem_gib(self.runtime.device), 3)}
+        append_row(self.log_path, row)
+        log.debug("step %d: %s", self.step, row)
+
+
+def wrap_for_distributed(model, runtime: Runtime):
+    """(the module the loop calls, its no_sync context): DDP with several processes, the model itself with one."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        # Refused rather than ignored: DDP here would put the whole base on every GPU, the opposite of what FSDP
+        # was asked for (and an out-of-memory error for a base that needs FSDP).
+        raise UserError("launched with an FSDP accelerate config, but this trainer wraps the model in DDP only",
+                        where="accelerate launch --config_file configs/accelerate/fsdp_lora.yaml",
+                        fix="use `make train GPUS=N` (DDP) for a base that fits one GPU; docs/MULTI_GPU.md "
+                            "('FSDP recipe') lists what FSDP still needs")
+    if runtime.world_size <= 1:
+        return model, nullcontext
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Every LoRA parameter takes part in every step, so find_unused_parameters stays off (it would walk the graph
+    # each step). Gradients are views into DDP's buckets: no second copy of the LoRA gradients.
+    ddp = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                                  find_unused_parameters=False, gradient_as_bucket_view=True)
+    return ddp, ddp.no_sync
+
+
+class _Window:
+    """Loss and throughput since the last log line; the one host sync per log interval happens in close()."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self):
+        self.losses, self.tokens, self.since = [], 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.losses.append(loss)
+        self.tokens += tokens
+
+    def close(self) -> dict:
+        """Mean loss over the window and all ranks; tokens/s of all ranks together."""
+        loss = torch.stack(self.losses).float().mean().item()
+        loss_sum, tokens, ranks = distributed.sum_values([loss, float(self.tokens), 1.0], self.device)
+        seconds = max(time.perf_counter() - self.since, 1e-9)
+        out = {"loss": loss_sum / ranks, "tokens_per_s": tokens / seconds}
+        self._reset()
+        return out
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def export_adapter(config: PhaseConfig, model, base, runtime: Runtime, result: Result) -> Path:
+    """adapter/ = peft's adapter_config.json + adapter_model.safetensors + manifest.json, written then renamed.
+
+    An adapter already there (an earlier finished run) is moved aside, never overwritten.
+    """
+    from cogumi.core.manifest import sha256_file, write_manifest
+    from cogumi.train.model import lora_record
+
+    final = config.adapter_dir
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        move_aside(tmp, "incomplete")
+    model.save_pretrained(tmp, safe_serialization=True)
+    write_manifest(tmp, "adapter", base_model=config.base_model, base_path=str(base.path),
+                   base_fingerprint=base.fingerprint, dtype=str(runtime.dtype).replace("torch.", ""),
+                   config_hash=sha256_json(config.to_dict()), training_hash=training_hash(config),
+                   adapter_hash=sha256_file(tmp / ADAPTER_WEIGHTS), lora=lora_record(config.lora),
+                   trained_on_quantized=False, force_warning=base.force_warning, steps=result.steps,
+                   final_loss=result.final_loss)
+    if final.exists():
+        aside = move_aside(final, "old")
+        log.info("moved the previous adapter aside to %s", aside)
+    tmp.rename(final)
+    return final
+
+
+def finished_adapter(config: PhaseConfig, total_steps: int) -> dict | None:
+    """The manifest of an adapter this exact run already finished, so `make train` again is a no-op."""
+    from cogumi.core.manifest import read_manifest
+
+    manifest = read_manifest(config.adapter_dir) if config.adapter_dir.is_dir() else None
+    if manifest and manifest.get("training_hash") == training_hash(config) and manifest.get("steps") == total_steps:
+        return manifest
+    return None
+
+
+def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | None) -> str:
+    """The one-screen report printed at the end of a run."""
+    run_dir = config.run_dir
+    checkpoints = ", ".join(p.name for _, p in list_complete(run_dir)) or "none"
+    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+    tps = f"{result.tokens_per_s:,.0f}" if result.tokens_per_s is not None else "n/a"
+    lines = [
+        f"== {config.name}: training done ==",
+        f"  steps        {result.steps}" + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""),
+        f"  final loss   {loss}",
+        f"  tokens/s     {tps}   peak memory {result.peak_mem_gib:.2f} GiB   wall {result.seconds:.0f} s",
+        f"  adapter      {adapter}",
+        f"  checkpoints  {checkpoints}",
+        f"  log          {run_dir / TRAIN_LOG}",
+    ]
+    if plot is not None:
+        lines.append(f"  loss curve   {plot}")
+    lines.append(f"  next         make merge PHASE={config.name.removeprefix('phase')}")
+    return "\n".join(lines)
