@@ -11,6 +11,7 @@ from cogumi.evaluate.pairing import (
     evaluate_gates,
     mcnemar_exact,
     outcome,
+    regression_p,
     summarize,
     unreachable,
 )
@@ -39,6 +40,25 @@ def test_mcnemar_large_counts_stay_finite():
     p = mcnemar_exact(500, 700)
     assert 0 < p < 1e-6 and math.isfinite(p)
     assert mcnemar_exact(600, 600) == 1.0
+
+
+def test_regression_p_is_the_one_sided_tail_against_the_candidate():
+    # 2 wins, 10 losses: P(X >= 10), X ~ Bin(12, 1/2) = (C(12,10) + C(12,11) + C(12,12)) / 4096 = 79 / 4096.
+    assert regression_p(2, 10) == 79 / 4096
+    assert regression_p(10, 2) == 1 - 79 / 4096 + math.comb(12, 2) / 4096  # P(X >= 2): near 1 when wins lead
+    assert regression_p(0, 0) == 1.0 and regression_p(7, 7) > 0.5
+    assert regression_p(0, 5) == 1 / 32  # five losses in five: significant one-sided, unlike two-sided p = 1/16
+    assert 0 < regression_p(20, 340) < 1e-60
+    with pytest.raises(ValueError):
+        regression_p(-1, 3)
+
+
+def test_p_gates_are_probabilities():
+    with pytest.raises(UserError, match="regression_p_min must be within 0..1"):
+        check_gates({"math": {"regression_p_min": 5}}, ["math"])
+    with pytest.raises(UserError, match="unknown gate 'regression_p'") as err:
+        check_gates({"math": {"regression_p": 0.05}}, ["math"])
+    assert "did you mean 'regression_p_min'" in err.value.fix
 
 
 def test_summarize_counts_and_percentages():

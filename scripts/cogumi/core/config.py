@@ -98,7 +98,8 @@ class ValidateConfig:
     seed: int = 0
     max_new_tokens: int = 512
     batch_size: int = 8
-    gates: dict = field(default_factory=dict)  # {task: {win_min: .., tie_min: .., loss_max: .., p_max: ..}}
+    gates: dict = field(default_factory=dict)  # {task: {win_min: .., loss_max: .., regression_p_min: .., ...}}
+    reference: dict = field(default_factory=dict)  # {task: {win: 6, tie: 70, loss: 24}}: shown in the report, not gated
     data: dict = field(default_factory=dict)  # {task: path or source name}
 
 

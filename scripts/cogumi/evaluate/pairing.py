@@ -7,6 +7,8 @@ right), tie_wrong (both wrong). "tie" is tie_right + tie_wrong, as in the origin
 McNemar's test looks only at the discordant pairs (wins b, losses c): under "both models are equally good" each
 discordant pair is a fair coin, so the exact two-sided p-value is a binomial tail on b + c, computed with integers.
 It is two-sided: a small p says the models differ, not in which direction; read it with win vs loss.
+`regression_p` is the one-sided tail in the candidate's disfavour: a small value says the losses are significantly
+above the wins, the way the origin project's corrupted merge lost to its base (ISSUES_LOG O2).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from cogumi.evaluate.tasks import TASKS
 
 OUTCOMES = ("win", "tie_right", "tie_wrong", "loss")
 RATE_METRICS = ("win", "tie", "tie_right", "tie_wrong", "loss")  # gated as percentages, 0-100
-# Gate keys: <rate>_min / <rate>_max in percent, p_max on the McNemar p-value, n_min on the problem count
-# (so a quick `--limit` run cannot stamp a model VALIDATED when the config asks for the full set).
-GATE_KEYS = tuple(f"{m}_{bound}" for m in RATE_METRICS for bound in ("min", "max")) + ("p_max", "n_min")
+# Gate keys: <rate>_min / <rate>_max in percent, p_max on the McNemar p-value, regression_p_min on the one-sided
+# p-value of "losses above wins" (fails only a significant regression), n_min on the problem count (so a quick
+# `--limit` run cannot stamp a model VALIDATED when the config asks for the full set).
+P_GATES = ("p_max", "regression_p_min")
+GATE_KEYS = tuple(f"{m}_{bound}" for m in RATE_METRICS for bound in ("min", "max")) + P_GATES + ("n_min",)
 # Percentages are computed as 100 * count / n; allow float noise so 3/50 meets "win_min: 6".
 EPS = 1e-9
 
@@ -61,6 +65,19 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+def regression_p(wins: int, losses: int) -> float:
+    """One-sided exact McNemar p-value that the candidate is worse: P(X >= losses), X ~ Bin(wins + losses, 1/2).
+
+    Near 1 when wins outnumber losses; small only when losses are significantly above wins.
+    """
+    if wins < 0 or losses < 0:
+        raise ValueError("counts must be non-negative")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(losses, n + 1)) / 2**n
+
+
 def summarize(outcomes: list[str]) -> dict:
     """Counts, percentages, accuracies and the McNemar p-value of one task's outcomes."""
     unknown = set(outcomes) - set(OUTCOMES)
@@ -81,6 +98,7 @@ def summarize(outcomes: list[str]) -> dict:
         "candidate_accuracy": pct(counts["win"] + counts["tie_right"]),
         "baseline_accuracy": pct(counts["loss"] + counts["tie_right"]),
         "mcnemar_p": mcnemar_exact(counts["win"], counts["loss"]),
+        "regression_p": regression_p(counts["win"], counts["loss"]),
     }
 
 
@@ -111,15 +129,15 @@ def check_gates(gates: dict, tasks: list[str], *, source: str = "validate.gates"
             if key not in GATE_KEYS:
                 raise UserError(f"unknown gate '{key}'", where=where,
                                 fix=f"gates are <win|tie|tie_right|tie_wrong|loss>_<min|max> (percent), p_max, "
-                                    f"n_min{_did_you_mean(key, GATE_KEYS)}")
+                                    f"regression_p_min, n_min{_did_you_mean(key, GATE_KEYS)}")
             if isinstance(limit, bool) or not isinstance(limit, int | float):
                 raise UserError(f"gate {task}.{key} must be a number, got {limit!r}", where=where,
                                 fix="write percentages as numbers, e.g. win_min: 6 for 6 %")
-            if key == "p_max" and not 0 <= limit <= 1:
-                raise UserError(f"p_max must be within 0..1, got {limit}", where=where, fix="e.g. p_max: 0.05")
+            if key in P_GATES and not 0 <= limit <= 1:
+                raise UserError(f"{key} must be within 0..1, got {limit}", where=where, fix=f"e.g. {key}: 0.05")
             if key == "n_min" and limit < 0:
                 raise UserError(f"n_min must be a count >= 0, got {limit}", where=where, fix="e.g. n_min: 500")
-            if key not in ("p_max", "n_min") and not 0 <= limit <= 100:
+            if key not in (*P_GATES, "n_min") and not 0 <= limit <= 100:
                 raise UserError(f"gate {task}.{key} is a percentage (0-100), got {limit}", where=where,
                                 fix="write 6 for 6 %, not 0.06")
             checked[task][key] = float(limit)
@@ -163,6 +181,8 @@ def _did_you_mean(name: str, valid) -> str:
 def gate_value(summary: dict, key: str) -> float:
     if key == "p_max":
         return summary["mcnemar_p"]
+    if key == "regression_p_min":
+        return summary["regression_p"]
     if key == "n_min":
         return float(summary["n"])
     return summary["pct"][key.rsplit("_", 1)[0]]
@@ -184,10 +204,10 @@ def evaluate_gates(summary: dict, gates: dict) -> list[GateResult]:
 
 def describe_gate(result: GateResult) -> str:
     """One line: `math win_min: 4.00 % < 6 % FAIL`."""
-    unit = "" if result.gate in ("p_max", "n_min") else " %"
+    unit = "" if result.gate in (*P_GATES, "n_min") else " %"
     if result.value is None:
         return f"{result.task} {result.gate}: task not run (limit {result.limit:g}{unit}) FAIL"
     op = ("<=" if result.passed else ">") if result.gate.endswith("_max") else (">=" if result.passed else "<")
-    shown = f"{result.value:.4g}" if result.gate == "p_max" else f"{result.value:.2f}".rstrip("0").rstrip(".")
+    shown = f"{result.value:.4g}" if result.gate in P_GATES else f"{result.value:.2f}".rstrip("0").rstrip(".")
     verdict = "pass" if result.passed else "FAIL"
     return f"{result.task} {result.gate}: {shown}{unit} {op} {result.limit:g}{unit} {verdict}"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cogumi.core.errors import UserError
 from cogumi.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_jsonl
-from cogumi.evaluate.pairing import OUTCOMES, GateResult, describe_gate, unreachable
+from cogumi.evaluate.pairing import OUTCOMES, RATE_METRICS, GateResult, describe_gate, unreachable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,35 @@ def write_reports(out_dir: Path, report: dict, samples: list[dict]) -> dict[str,
     # report.json last: its presence says the other three are complete.
     atomic_write_json(paths["report.json"], report)
     return paths
+
+
+def check_reference(reference: dict, tasks: list[str], source: str) -> dict:
+    """`validate.reference`: {label: "...", task: {win|tie|tie_right|tie_wrong|loss: percent}}, e.g. the origin
+    project's expectation. The report shows it beside the measured rates, under its label; it is never a gate."""
+    example = "e.g. reference: {label: origin project, math: {win: 6, tie: 70, loss: 24}}"
+    if not isinstance(reference, dict) or not isinstance(reference.get("label", ""), str):
+        raise UserError(f"{source} must be a mapping of task -> rates, with an optional label", where=source,
+                        fix=example)
+    checked = {"label": reference.get("label") or "validate.reference"}
+    for task, rates in reference.items():
+        if task == "label":
+            continue
+        where = f"{source}.{task}"
+        if task not in tasks or not isinstance(rates, dict):
+            raise UserError(f"reference for '{task}' must be a mapping of rate -> percent for a task that runs",
+                            where=where, fix=f"tasks run: {', '.join(tasks)}; {example}")
+        for name, value in rates.items():
+            if name not in RATE_METRICS or isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not 0 <= value <= 100:
+                raise UserError(f"reference {task}.{name}: {value!r} is not a rate in percent", where=f"{where}.{name}",
+                                fix=f"rates are {', '.join(RATE_METRICS)}, each 0-100")
+        checked[task] = {name: float(value) for name, value in rates.items()}
+    return checked if len(checked) > 1 else {}
+
+
+def describe_reference(rates: dict) -> str:
+    """`win 6 %, tie 70 %, loss 24 %`."""
+    return ", ".join(f"{name} {value:g} %" for name, value in rates.items())
 
 
 def render_markdown(report: dict) -> str:
@@ -68,9 +97,12 @@ def render_markdown(report: dict) -> str:
             "",
             f"Accuracy: candidate {summary['candidate_accuracy']:.1f} %, baseline {summary['baseline_accuracy']:.1f} %."
             f" Exact McNemar p (two-sided, {counts['win']} wins vs {counts['loss']} losses): "
-            f"{summary['mcnemar_p']:.4g}.",
+            f"{summary['mcnemar_p']:.4g}; one-sided p that losses exceed wins: {summary['regression_p']:.4g}.",
             "",
         ]
+        reference = report.get("reference", {})
+        if task in reference:
+            lines += [f"Reference, not a gate ({reference['label']}): {describe_reference(reference[task])}.", ""]
         gates = [g for g in report["gates"] if g["task"] == task]
         if gates:
             lines += ["| gate | value | limit | result |", "|---|---:|---:|---|"]

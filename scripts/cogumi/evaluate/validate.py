@@ -18,7 +18,7 @@ from cogumi.core.manifest import read_manifest, weights_fingerprint
 from cogumi.core.stamp import VALIDATED_STAMP, write_stamp
 from cogumi.evaluate.generate import generate, load_model, unload
 from cogumi.evaluate.pairing import check_gates, describe_gate, outcome, summarize, unreachable
-from cogumi.evaluate.report import baseline_outputs, read_baseline_samples
+from cogumi.evaluate.report import baseline_outputs, check_reference, describe_reference, read_baseline_samples
 from cogumi.evaluate.sources import load_task
 from cogumi.evaluate.tasks import TASKS
 
@@ -38,6 +38,7 @@ class Plan:
     sources: dict  # task -> {"source": .., "subset": ..}
     gates: dict
     limit: int | None
+    reference: dict  # {label, task: {rate: percent}}: shown beside the results, never gated
 
 
 def build_plan(config: PhaseConfig, args, source: str) -> Plan:
@@ -59,6 +60,7 @@ def build_plan(config: PhaseConfig, args, source: str) -> Plan:
         raise UserError("the baseline is the candidate itself", where="--baseline / validate.baseline",
                         fix="compare against the phase's base model or an earlier phase's merged model")
     gates = check_gates(v.gates, list(v.tasks), source=f"{source}: validate.gates")
+    reference = check_reference(v.reference, list(v.tasks), f"{source}: validate.reference")
     if not gates:
         log.warning("%s has no validate.gates: reports only, and no %s stamp", source, VALIDATED_STAMP)
     limit = args.limit if args.limit is not None else v.limit
@@ -70,7 +72,7 @@ def build_plan(config: PhaseConfig, args, source: str) -> Plan:
     unknown = set(v.data) - set(v.tasks)
     if unknown:
         log.warning("validate.data names tasks that are not run: %s", ", ".join(sorted(unknown)))
-    return Plan(config.name, candidate, baseline, stored, list(v.tasks), sources, gates, limit)
+    return Plan(config.name, candidate, baseline, stored, list(v.tasks), sources, gates, limit, reference)
 
 
 def _task_source(task: str, spec, source: str) -> dict:
@@ -151,7 +153,7 @@ def build_report(plan: Plan, config: PhaseConfig, summaries: dict, gate_results:
         "passed": bool(gate_results) and all(g.passed for g in gate_results),
         "candidate": str(plan.candidate), "baseline": plan.baseline, "baseline_stored": plan.baseline_stored,
         "limit": plan.limit, "seed": v.seed, "max_new_tokens": v.max_new_tokens, "batch_size": v.batch_size,
-        "tasks": summaries, "gates": [g._asdict() for g in gate_results],
+        "tasks": summaries, "gates": [g._asdict() for g in gate_results], "reference": plan.reference,
     }
 
 
@@ -179,6 +181,9 @@ def one_screen(report: dict, gate_results, report_md: Path) -> str:
         lines.append(f"  {task:<4} n={s['n']:<4} win {pct['win']:5.1f} %  tie {pct['tie']:5.1f} % "
                      f"(right {pct['tie_right']:.1f}, wrong {pct['tie_wrong']:.1f})  loss {pct['loss']:5.1f} %  "
                      f"McNemar p={s['mcnemar_p']:.3g}")
+        if task in report.get("reference", {}):
+            lines.append(f"       reference, not a gate ({report['reference']['label']}): "
+                         f"{describe_reference(report['reference'][task])}")
     failing = [g for g in gate_results if not g.passed]
     if not gate_results:
         lines.append(f"No gates configured (validate.gates): no {VALIDATED_STAMP} stamp. Details: {report_md}")
