@@ -23,7 +23,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench-train bench-ddp bench-merge bench-quantize test lint bundle quantize
+.PHONY: help setup lock check demo train merge validate monitor bench-train bench-ddp bench-merge bench-quantize gpu-wheels test test-fast lint bundle quantize
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -85,11 +85,17 @@ bench-ddp: ## 2+ GPUs: 8B-shape step on 1 GPU vs DDP on 2 (scaling per GPU) and 
 bench-merge: ## merge benchmark: streaming merge vs peft merge_and_unload (random 0.85B; ARGS="--size 8b --device cuda")
 	$(PY) scripts/bench/bench_merge.py $(ARGS)
 
+gpu-wheels: ## the pinned pure-Python stack as wheels in .whl/, for a GPU image with another torch (needs PyPI)
+	bash scripts/bench/gpu_wheels.sh
+
 bench-quantize: ## GPU: size, load time and generation speed of bf16 vs nf4/int8 on real Llama shapes
 	$(PY) scripts/bench/bench_quantize.py $(ARGS)
 
 lint: ## ruff
 	$(PY) -m ruff check scripts tests
 
-test: lint ## ruff + pytest (CPU only)
+test: lint ## ruff + pytest (CPU only; about 6 minutes on 2 cores)
 	$(PY) -m pytest -q tests $(ARGS)
+
+test-fast: lint ## ruff + the tests not marked slow (under 2 minutes on 2 cores): the loop while editing
+	$(PY) -m pytest -q tests -m "not slow" $(ARGS)

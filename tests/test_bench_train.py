@@ -1,4 +1,4 @@
-"""bench_train.py and the fast path (issue 8), on CPU: the pieces that run without a GPU.
+"""bench_train.py and the fast path, on CPU: the pieces that run without a GPU.
 
 Liger's kernels are Triton-only, so on CPU the fast path is the fused LoRA linear + the chunked loss; they must
 compute the same loss and LoRA gradients as plain transformers+peft on the same batch.

@@ -1,4 +1,4 @@
-"""Checkpoint mechanics (issues 3 and 4; ISSUES_LOG.md 'Disk Space Exhaustion at Step 9000').
+"""Checkpoint mechanics (ISSUES_LOG O3).
 
 Real filesystems only: the disk-full cases run on a tmpfs of a few MB, the failed deletion on an immutable file.
 """

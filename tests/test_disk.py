@@ -1,4 +1,4 @@
-"""Preflight sizing, the checkpoint estimate, and the sidecar's lifetime (issue 4)."""
+"""Preflight sizing, the checkpoint estimate, and the sidecar's lifetime (ISSUES_LOG O3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The step-9000 incident, end to end on a real small filesystem (issue 4, with the trainer of issue 3).
+"""The step-9000 incident, end to end on a real small filesystem (ISSUES_LOG O3).
 
 A tiny model trains on a tmpfs; another writer fills the disk mid-run (what logs, caches and data did in the
 incident). The trainer must stop at a save with exit code 3 and a message saying what to free, leave only complete

@@ -1,4 +1,4 @@
-"""The streaming merge (issue 5): exact against peft, single rounding, every refusal before any output."""
+"""The streaming merge: exact against peft, single rounding, every refusal before any output."""
 
 from __future__ import annotations
 

@@ -4,11 +4,11 @@ import json
 import shutil
 
 import pytest
-from quantize import bnb_config, quantized_dir
 from transformers import BitsAndBytesConfig
 
 from cogumi.core.errors import UserError
 from cogumi.core.guards import refuse_quantized_base
+from cogumi.merge.quantize import bnb_config, quantized_dir
 
 
 def quantized_output_like(tmp_path, tiny_sharded_bf16_dir, quant: str):

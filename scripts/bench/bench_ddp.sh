@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Several GPUs on the GPU machine (issue 9): one command, < 6 minutes on 2x H100, JSON under $OUT.
+# Several GPUs on the GPU machine: one command, < 6 minutes on 2x H100, JSON under $OUT.
 #
 #   1. the 8B-shape bench (random weights, LoRA r16 all-linear, seq 2048, fast path, micro 2 x accum 4, 11 of 32
 #      layers checkpointed = the probe's layout at 29 GiB): the trainer's optimizer step on 1 GPU, then on 2 GPUs
@@ -8,7 +8,7 @@
 #      Llama built here (hidden 1024, 8 layers; no download), demo data, checkpoint_layers=auto (rank 0's memory
 #      probe, broadcast); checks one log, one summary, the checkpoints and the adapter (rank 0's outputs).
 #
-# Run from the repo root on the device (after ../shared/tools/device-wheels.sh put the pinned wheels in .whl/):
+# Run from the repo root on the device (after `make gpu-wheels` put the pinned wheels in .whl/):
 #   OUT=$OUT bash scripts/bench/bench_ddp.sh
 # Outputs: $OUT/bench_ddp/bench_ddp-8b-*.json, $OUT/bench_ddp/train2.json (+ logs). Exit 0 when both parts worked.
 set -uo pipefail

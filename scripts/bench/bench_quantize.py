@@ -78,7 +78,8 @@ def main() -> int:
     import bitsandbytes
     import torch
     import transformers
-    from quantize import quantize, quantized_dir
+
+    from cogumi.merge.quantize import quantize, quantized_dir
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-quantize-"))
     rows = []

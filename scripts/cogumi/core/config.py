@@ -60,7 +60,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # false: no activation checkpointing at all
     checkpoint_layers: Any = "all"  # with checkpointing on: all | auto (GPU memory probe) | <number of layers>
     memory_budget_gib: float | None = None  # auto's budget per GPU; null: 90% of the card
-    liger: str = "auto"  # fused kernels (issue 8): auto = on where installed and on a GPU
+    liger: str = "auto"  # fused Liger kernels: auto = on where installed and on a GPU
     log_every: int = 10
     device: str = "auto"
 

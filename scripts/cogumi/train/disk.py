@@ -1,4 +1,4 @@
-"""Disk sizing before training, and the monitor sidecar during it (issue 4; ISSUES_LOG.md step-9000 incident).
+"""Disk sizing before training, and the monitor sidecar during it (ISSUES_LOG O3).
 
 The per-save room check lives in cogumi.train.checkpoints; this module answers "will the whole run fit?" before the base
 model loads, and runs scripts/monitor_disk.py beside the trainer so a human sees the disk fill up in time.

@@ -1,4 +1,4 @@
-"""The fast training path (issue 8): fused kernels and related switches, applied before the model loads.
+"""The fast training path: fused kernels and related switches, applied before the model loads.
 
 What it changes, each piece measured in docs/PERFORMANCE.md ("Training speed on the GPU"):
 
