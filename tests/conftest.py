@@ -1,8 +1,14 @@
-"""Fixtures shared by every test: tiny real Llama model folders, built once per session on CPU."""
+"""Fixtures shared by the tests: tiny real Llama model folders built once per session on CPU, the trainer tests'
+tiny base and data, one intra-op thread, a real tmpfs, and entry scripts run as subprocesses.
+
+No test module imports another: what several share is here, or in a helper module (tmpfs_util, train_helpers).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -52,3 +58,58 @@ def run_script():
                               capture_output=True, text=True, timeout=timeout, **kwargs)
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, two threads per tiny matmul thrash (5x slower).
+    Trainer test modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny fixture with a 10x lm_head. Its lm_head (init std 0.02, hidden 64) caps every logit near 1.3, so
+    a LoRA on the inner layers, which cannot change lm_head or the final norm, could not memorise anything."""
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path_factory.mktemp("base") / "tiny-llama"
+    shutil.copytree(tiny_model_dir, base)
+    tensors = load_file(base / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 10
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    return base
+
+
+@pytest.fixture(scope="session")
+def memorised_data(tmp_path_factory) -> Path:
+    """Twelve short rows, in both data layouts, that the tiny base memorises in a few dozen steps."""
+    rows = [{"messages": [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": f"What is {i} + {i}?"},
+                          {"role": "assistant", "content": f"The answer is {2 * i}."}]} for i in range(8)]
+    rows += [{"prompt": f"Say {w}.", "response": w} for w in ("fox", "dog", "add", "assert")]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def tmpfs(tmp_path):
+    """A factory for real tmpfs mounts under tmp_path: `tmpfs(8 * MB)` -> its folder; all unmounted afterwards.
+    Skips the test where mounting needs root and there is none."""
+    from tmpfs_util import mount_tmpfs, unmount
+
+    mounts = []
+
+    def _mount(size_bytes: int) -> Path:
+        mounts.append(mount_tmpfs(tmp_path / f"fs{len(mounts)}", size_bytes))
+        return mounts[-1]
+
+    yield _mount
+    for where in mounts:
+        unmount(where)

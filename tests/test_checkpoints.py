@@ -11,7 +11,7 @@ import os
 import subprocess
 
 import pytest
-from tmpfs_util import fill_file, mount_tmpfs, unmount
+from tmpfs_util import fill_file
 
 from cogumi.core.errors import EXIT_DISK_STOP
 from cogumi.train.checkpoints import (
@@ -26,19 +26,6 @@ from cogumi.train.checkpoints import (
 )
 
 KB = 1024
-
-
-@pytest.fixture()
-def small_fs(tmp_path):
-    mounts = []
-
-    def _mount(size_bytes: int):
-        mounts.append(mount_tmpfs(tmp_path / f"fs{len(mounts)}", size_bytes))
-        return mounts[-1]
-
-    yield _mount
-    for where in mounts:
-        unmount(where)
 
 
 def writer(size: int = 10 * KB, calls: list | None = None):
@@ -121,8 +108,8 @@ def test_same_step_from_an_older_run_is_moved_aside(tmp_path):
     assert any(p.name.startswith("checkpoint-300.stale-") for p in run.iterdir())
 
 
-def test_failed_deletion_is_an_error_not_a_silent_pass(small_fs):
-    fs = small_fs(4 * 1024 * KB)
+def test_failed_deletion_is_an_error_not_a_silent_pass(tmpfs):
+    fs = tmpfs(4 * 1024 * KB)
     run = fs / "run"
     old = make_complete(run, 1)
     subprocess.run(["chattr", "+i", str(old / "adapter.bin")], check=True)  # even root cannot unlink it
@@ -152,8 +139,8 @@ def test_deletion_that_reports_success_but_leaves_files_is_caught(tmp_path, monk
         save(run, 2, keep_last=1)
 
 
-def test_disk_stop_before_writing_when_no_room(small_fs):
-    fs = small_fs(4 * 1024 * KB)
+def test_disk_stop_before_writing_when_no_room(tmpfs):
+    fs = tmpfs(4 * 1024 * KB)
     run = fs / "run"
     save(run, 1, write=writer(1500 * KB), keep_last=2)  # measured size ~1.5 MB
     fill_file(fs / "other-data.bin", 1800 * KB)  # ~0.8 MB left: not enough for one more
@@ -172,8 +159,8 @@ def test_disk_stop_before_writing_when_no_room(small_fs):
     assert [s for s, _ in list_complete(run)] == [1, 2]
 
 
-def test_disk_stop_uses_estimate_before_the_first_checkpoint_and_the_margin(small_fs):
-    fs = small_fs(2 * 1024 * KB)
+def test_disk_stop_uses_estimate_before_the_first_checkpoint_and_the_margin(tmpfs):
+    fs = tmpfs(2 * 1024 * KB)
     run = fs / "run"
     with pytest.raises(DiskStop, match="estimated"):
         save(run, 1, expected=3 * 1024 * KB)
@@ -182,8 +169,8 @@ def test_disk_stop_uses_estimate_before_the_first_checkpoint_and_the_margin(smal
     assert not run.exists() or names(run) == []
 
 
-def test_enospc_mid_write_leaves_no_final_named_folder(small_fs):
-    fs = small_fs(4 * 1024 * KB)
+def test_enospc_mid_write_leaves_no_final_named_folder(tmpfs):
+    fs = tmpfs(4 * 1024 * KB)
     run = fs / "run"
     first = save(run, 1, write=writer(100 * KB))
     with pytest.raises(DiskStop, match="disk filled while saving step 2") as info:
@@ -194,10 +181,10 @@ def test_enospc_mid_write_leaves_no_final_named_folder(small_fs):
     assert os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize > 3 * 1024 * KB  # the partial write was removed
 
 
-def test_torch_save_disk_full_without_errno_is_a_disk_stop(small_fs):
+def test_torch_save_disk_full_without_errno_is_a_disk_stop(tmpfs):
     # torch.save on a full disk raises RuntimeError('unexpected pos ...') with no errno: caught physically.
     torch = pytest.importorskip("torch")
-    fs = small_fs(1024 * KB)
+    fs = tmpfs(1024 * KB)
     run = fs / "run"
 
     def write(folder):

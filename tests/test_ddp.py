@@ -1,9 +1,10 @@
 """Several processes on CPU (torchrun, gloo): same adapter as one process, a killed rank ends the run, resume works.
 
-The tiny model from test_train trains for real under `python -m torch.distributed.run --standalone`, exactly as
-`make train GPUS=2` launches it. Effective batch 4 everywhere: one process takes micro 2 x accumulation 2, two
-processes take micro 2 x accumulation 1 each (cogumi.train.layout recomputes it), over the same examples in the same
-order (cogumi.train.data.Batches: step s uses examples s*4 .. s*4+3 of the epoch's permutation in both cases).
+The trainer tests' tiny model (conftest.tiny_base) trains for real under `python -m torch.distributed.run
+--standalone`, exactly as `make train GPUS=2` launches it. Effective batch 4 everywhere: one process takes micro 2 x
+accumulation 2, two processes take micro 2 x accumulation 1 each (cogumi.train.layout recomputes it), over the same
+examples in the same order (cogumi.train.data.Batches: step s uses examples s*4 .. s*4+3 of the epoch's permutation
+in both cases).
 """
 
 from __future__ import annotations
@@ -19,16 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import (  # noqa: F401 - fixtures (one_thread is autouse) and helpers shared with the trainer tests
-    SCRIPT,
-    adapter_weights,
-    max_diff,
-    memorised_data,
-    one_thread,
-    run_dir,
-    tiny_base,
-    write_config,
-)
+from train_helpers import TRAIN_SCRIPT, adapter_weights, max_diff, run_dir, write_config
 
 from cogumi.core.errors import UserError
 from cogumi.train.checkpoints import list_complete
@@ -48,6 +40,7 @@ SECTIONS = {"train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2
 TOLERANCE = 2e-5
 
 train_main = pytest.importorskip("train_phase1a_fullprecision").main
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
@@ -63,7 +56,7 @@ def torchrun(config: Path, nproc: int = 2) -> subprocess.Popen:
     env.pop("FORCE", None)
     env.pop("RESUME", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "--monitor-interval", "1", str(SCRIPT), "--phase", str(config)]
+           "--monitor-interval", "1", str(TRAIN_SCRIPT), "--phase", str(config)]
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -78,7 +71,7 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory, tiny_base, memorised_data):  # noqa: F811 - fixtures from test_train
+def two_process_run(tmp_path_factory, tiny_base, memorised_data):
     """The uninterrupted two-process run that the other tests compare with."""
     tmp = tmp_path_factory.mktemp("ddp")
     cfg = write_config(tmp, tiny_base, memorised_data, root="two", **SECTIONS)
@@ -87,7 +80,7 @@ def two_process_run(tmp_path_factory, tiny_base, memorised_data):  # noqa: F811 
     return cfg, out
 
 
-def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_base, memorised_data, two_process_run,  # noqa: F811
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_base, memorised_data, two_process_run,
                                                       env):
     two_cfg, out = two_process_run
     one_cfg = write_config(tmp_path, tiny_base, memorised_data, root="one", **SECTIONS)
@@ -123,7 +116,7 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_ends_the_run_and_a_restart_resumes(tmp_path, tiny_base, memorised_data,  # noqa: F811
+def test_a_killed_rank_ends_the_run_and_a_restart_resumes(tmp_path, tiny_base, memorised_data,
                                                             two_process_run, env):
     cfg = write_config(tmp_path, tiny_base, memorised_data, root="killed", **SECTIONS)
     out_dir = run_dir(cfg)
@@ -154,7 +147,7 @@ def test_a_killed_rank_ends_the_run_and_a_restart_resumes(tmp_path, tiny_base, m
     assert diff <= 1e-6, f"resumed two-process run differs from the uninterrupted one by {diff}"
 
 
-def test_resume_with_another_process_count_keeps_the_effective_batch(tmp_path, tiny_base, memorised_data,  # noqa: F811
+def test_resume_with_another_process_count_keeps_the_effective_batch(tmp_path, tiny_base, memorised_data,
                                                                       two_process_run, env, caplog):
     """A checkpoint of the two-process run, resumed by one process (accumulation 1 -> 2), ends where it ends."""
     two_cfg, _ = two_process_run

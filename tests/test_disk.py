@@ -7,7 +7,7 @@ import os
 import time
 
 import pytest
-from tmpfs_util import fill_file, mount_tmpfs, unmount
+from tmpfs_util import fill_file
 
 from cogumi.core.config import CheckpointConfig, DiskConfig, PhaseConfig
 from cogumi.core.errors import UserError
@@ -22,10 +22,8 @@ PER_RANK_8B = LAYERS * (2 * (HIDDEN + HIDDEN) + 2 * (HIDDEN + KV) + 3 * (HIDDEN 
 
 
 @pytest.fixture()
-def fs(tmp_path):
-    where = mount_tmpfs(tmp_path / "fs", 16 * MB)
-    yield where
-    unmount(where)
+def fs(tmpfs):
+    return tmpfs(16 * MB)
 
 
 def config_on(root, keep_last=2, margin_mb=1, **disk):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tmpfs_util import fill_file, mount_tmpfs, unmount
+from tmpfs_util import fill_file
 
 from cogumi.train.checkpoints import COMPLETE, latest_complete, list_complete
 
@@ -104,10 +104,8 @@ def adapter_tensors(run_dir: Path) -> dict:
 
 
 @pytest.fixture()
-def small_fs(tmp_path):
-    where = mount_tmpfs(tmp_path / "fs", 8 * MB)
-    yield where
-    unmount(where)
+def small_fs(tmpfs):
+    return tmpfs(8 * MB)
 
 
 def test_disk_full_stops_cleanly_then_resumes_to_the_same_adapter(tmp_path, small_fs, tiny_model_dir, data_file):

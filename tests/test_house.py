@@ -149,3 +149,14 @@ def test_every_repo_path_the_docs_name_exists():
     missing = sorted(p for p in named if not (REPO_ROOT / p).exists())
     assert len(named) > 10
     assert missing == []
+
+
+def test_no_test_module_imports_another():
+    tests = REPO_ROOT / "tests"
+    found = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith(("test_", "conftest"))]
+    assert found == [], "share fixtures through conftest.py and helpers through a helper module"

@@ -11,17 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from tmpfs_util import fill_file, mount_tmpfs, unmount, used_pct
+from tmpfs_util import fill_file, used_pct
 
 MONITOR = Path(__file__).resolve().parents[1] / "scripts" / "monitor_disk.py"
 SIZE = 4 * 1024 * 1024  # 1024 pages of 4 KiB: percentages land exactly on page multiples
 
 
 @pytest.fixture()
-def fs(tmp_path):
-    where = mount_tmpfs(tmp_path / "fs", SIZE)
-    yield where
-    unmount(where)
+def fs(tmpfs):
+    return tmpfs(SIZE)
 
 
 def monitor(*args, timeout=30):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
+from train_helpers import TRAIN_SCRIPT, adapter_weights, max_diff, run_dir, write_config
 
 from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.errors import UserError
@@ -25,74 +25,9 @@ from cogumi.train.trainer import STATE_FILE
 from cogumi.train.trainlog import read_log
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "scripts" / "train_phase1a_fullprecision.py"
 
 train_main = pytest.importorskip("train_phase1a_fullprecision").main
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, two threads per tiny matmul thrash (5x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny fixture with a 10x lm_head. Its lm_head (init std 0.02, hidden 64) caps every logit near 1.3, so
-    a LoRA on the inner layers, which cannot change lm_head or the final norm, could not memorise anything."""
-    base = tmp_path_factory.mktemp("base") / "tiny-llama"
-    shutil.copytree(tiny_model_dir, base)
-    tensors = load_file(base / "model.safetensors")
-    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 10
-    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
-    return base
-
-
-@pytest.fixture(scope="module")
-def memorised_data(tmp_path_factory) -> Path:
-    rows = [{"messages": [{"role": "system", "content": "Be brief."},
-                          {"role": "user", "content": f"What is {i} + {i}?"},
-                          {"role": "assistant", "content": f"The answer is {2 * i}."}]} for i in range(8)]
-    rows += [{"prompt": f"Say {w}.", "response": w} for w in ("fox", "dog", "add", "assert")]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def write_config(tmp_path: Path, base, data_path: Path, *, name: str = "tinyrun", root: str = "out",
-                 **sections) -> Path:
-    """A tiny phase config whose outputs all land under tmp_path (never the repo's checkpoints/)."""
-    config = {
-        "name": name, "base_model": str(base), "output_root": str(tmp_path / root),
-        "data": {"train_path": str(data_path), "max_seq_len": 64},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        "train": {"max_steps": 4, "micro_batch_size": 4, "grad_accum": 1, "learning_rate": 5e-3,
-                  "lr_scheduler": "constant", "warmup_ratio": 0.0, "log_every": 1, "seed": 7,
-                  "gradient_checkpointing": False},
-        "checkpoints": {"save_steps": 2, "keep_last": 2},
-        "disk": {"monitor": False, "margin_mb": 1},
-    }
-    for section, values in sections.items():
-        config[section] = {**config.get(section, {}), **values} if isinstance(values, dict) else values
-    path = tmp_path / f"{name}-{root}.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
-
-
-def run_dir(config_path: Path) -> Path:
-    return load_config(config_path).run_dir
-
-
-def adapter_weights(folder: Path) -> dict:
-    return load_file(folder / "adapter_model.safetensors")
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
@@ -249,7 +184,7 @@ def test_kill_9_at_a_random_step_then_train_again_equals_uninterrupted(tmp_path,
     killed = write_config(tmp_path, tiny_base, memorised_data, root="killed",
                           disk={"monitor": True}, **sections)  # the sidecar must not outlive a kill -9
     kill_at = random.randint(3, 10)
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--phase", str(killed)], cwd=REPO_ROOT,
+    proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--phase", str(killed)], cwd=REPO_ROOT,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts"), "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log_path = run_dir(killed) / "train_log.jsonl"
