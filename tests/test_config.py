@@ -7,9 +7,7 @@ import pytest
 from cogumi.core.config import CONFIG_DIR, PhaseConfig, load_config, phase_config_path
 from cogumi.core.errors import UserError
 
-ACCELERATE_DIR = CONFIG_DIR / "accelerate"  # accelerate's own launcher configs, not phase configs
-SHIPPED = sorted(p for p in CONFIG_DIR.rglob("*.y*ml") if ACCELERATE_DIR not in p.parents)
-ACCELERATE = sorted(ACCELERATE_DIR.rglob("*.y*ml"))
+SHIPPED = sorted(CONFIG_DIR.rglob("*.y*ml"))  # every shipped YAML is a phase config
 
 
 def test_configs_exist():
@@ -128,14 +126,3 @@ def test_layout_settings_combine_with_the_checkpointing_switch(tmp_path):
         load_config(path, ["train.gradient_checkpointing=false", "train.checkpoint_layers=8"])
     assert load_config(path, ["train.checkpoint_layers=auto", "train.memory_budget_gib=40"]).train.memory_budget_gib \
         == 40.0
-
-
-def test_accelerate_configs_are_fsdp_recipes():
-    import yaml
-
-    assert len(ACCELERATE) > 0
-    for path in ACCELERATE:
-        text = path.read_text(encoding="utf-8")
-        assert text.startswith("#") and "accelerate launch" in text.split("\n\n")[0], path
-        values = yaml.safe_load(text)
-        assert values["distributed_type"] == "FSDP" and values["fsdp_config"]["fsdp_use_orig_params"] is True

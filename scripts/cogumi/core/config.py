@@ -23,7 +23,6 @@ from cogumi.core.paths import CONFIG_DIR, REPO_ROOT
 @dataclass(frozen=True)
 class DataConfig:
     train_path: str = "data/train.jsonl"  # local JSONL, or a datasets hub id when online
-    eval_path: str | None = None
     hub_split: str = "train"
     max_seq_len: int = 2048
     packing: bool = False  # concatenate examples into full rows; attention never crosses examples

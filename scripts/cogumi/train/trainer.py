@@ -326,7 +326,7 @@ def wrap_for_distributed(model, runtime: Runtime):
         # Refused rather than ignored: DDP here would put the whole base on every GPU, the opposite of what FSDP
         # was asked for (and an out-of-memory error for a base that needs FSDP).
         raise UserError("launched with an FSDP accelerate config, but this trainer wraps the model in DDP only",
-                        where="accelerate launch --config_file configs/accelerate/fsdp_lora.yaml",
+                        where="ACCELERATE_USE_FSDP=true (an accelerate launch with an FSDP config)",
                         fix="use `make train GPUS=N` (DDP) for a base that fits one GPU; docs/MULTI_GPU.md "
                             "('FSDP recipe') lists what FSDP still needs")
     if runtime.world_size <= 1:
