@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.errors import EXIT_FAILED, EXIT_OK, run_main
 from cogumi.core.stamp import remove_stamp
+from cogumi.core.tracking import record_validation
 from cogumi.evaluate import validate
 from cogumi.evaluate.pairing import evaluate_gates
 from cogumi.evaluate.report import write_reports
@@ -68,6 +69,7 @@ def main(argv=None) -> int:
     gate_results = evaluate_gates(summaries, plan.gates)
     report = validate.build_report(plan, config, summaries, gate_results)
     paths = write_reports(plan.candidate / "validation", report, samples)
+    record_validation(config, report)  # the win/tie/loss table into tensorboard / wandb, when train.report_to asks
     print(validate.one_screen(report, gate_results, paths["report.md"]))
     if not report["passed"]:
         return EXIT_FAILED

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cogumi.core.paths import REPO_ROOT
 
-DEFAULT_LOCKS = ["requirements/base.txt", "requirements/dev.txt", "requirements/eval.txt"]
+DEFAULT_LOCKS = ["requirements/base.txt", "requirements/dev.txt", "requirements/eval.txt", "requirements/tracking.txt"]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 GIB = 1024**3
 

@@ -15,7 +15,7 @@ PYTHON_VERSION=3.11
 VENV=.venv
 FLASH_ATTN_VERSION=2.5.8
 FLASH_ATTN_RELEASES="${FLASH_ATTN_RELEASES:-https://github.com/Dao-AILab/flash-attention/releases/download}"
-LOCKS=(requirements/base.txt requirements/dev.txt requirements/eval.txt)
+LOCKS=(requirements/base.txt requirements/dev.txt requirements/eval.txt requirements/tracking.txt)
 T0=$(date +%s.%N)
 
 step() {  # step "label" command...: run it and print the elapsed time

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 
 from cogumi.core.config import load_config, phase_config_path, save_resolved
 from cogumi.core.errors import EXIT_OK, run_main
+from cogumi.core.tracking import track_phase
 from cogumi.train import distributed
 from cogumi.train.data import encode_data, read_data
 from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
@@ -85,8 +86,10 @@ def train(config, runtime, phase: str, *, force: bool, fresh: bool) -> int:
     trainer = Trainer(config, model, batches, runtime, plan, layout, checkpoint_estimate=estimate)
     if resume_from is not None:
         trainer.resume(resume_from, force=force)
-    with sidecar(config) if runtime.is_main else nullcontext():  # one disk monitor per run, on rank 0
-        result = trainer.fit()
+    # One disk monitor and one tracker per run, on rank 0; the tracker starts where a resume left off.
+    with sidecar(config) if runtime.is_main else nullcontext(), \
+            track_phase(config, enabled=runtime.is_main, start_step=trainer.step) as tracker:
+        result = trainer.fit(tracker)
     distributed.on_main(finish, config, model, base, runtime, result)
     return EXIT_OK
 

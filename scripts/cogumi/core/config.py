@@ -18,6 +18,7 @@ import yaml
 
 from cogumi.core.errors import UserError
 from cogumi.core.paths import CONFIG_DIR, REPO_ROOT
+from cogumi.core.tracking import parse_report_to
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class TrainConfig:
     liger: str = "auto"  # fused Liger kernels: auto = on where installed and on a GPU
     log_every: int = 10
     device: str = "auto"
+    report_to: Any = "none"  # none | tensorboard | wandb | a list: views of train_log.jsonl (cogumi.core.tracking)
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,7 @@ def _check_combinations(config: PhaseConfig, source: str) -> None:
         raise UserError("disk thresholds must satisfy warn <= alert <= critical <= 100", where=source,
                         fix="e.g. warn: 60, alert: 80, critical: 90")
     _check_checkpointing(config.train, source)
+    parse_report_to(config.train.report_to, where=f"{source}: train.report_to")
     if config.train.micro_batch_size < 1 or config.train.grad_accum < 1:
         raise UserError("train.micro_batch_size and train.grad_accum must be at least 1", where=source,
                         fix="e.g. micro_batch_size: 4, grad_accum: 4 (effective batch 16)")

@@ -29,6 +29,7 @@ from cogumi.core.config import PhaseConfig
 from cogumi.core.errors import UserError
 from cogumi.core.fsutil import move_aside
 from cogumi.core.manifest import sha256_json
+from cogumi.core.tracking import Tracker, no_tracker
 from cogumi.train import distributed
 from cogumi.train.checkpoints import latest_complete, list_complete, measured_checkpoint_size, save_checkpoint
 from cogumi.train.data import Batches
@@ -267,9 +268,10 @@ class Trainer:
 
     # -- the loop
 
-    def fit(self) -> Result:
+    def fit(self, tracker: Tracker | None = None) -> Result:
         from tqdm.auto import tqdm
 
+        self.tracker = tracker or no_tracker()
         t = self.config.train
         start, window = time.perf_counter(), _Window(self.runtime.device)
         bar = tqdm(total=self.plan.total_steps, initial=self.step, desc=self.config.name, unit="step",
@@ -317,6 +319,7 @@ class Trainer:
                "tokens_per_s": round(window["tokens_per_s"], 1),
                "peak_mem_gib": round(peak_mem_gib(self.runtime.device), 3)}
         append_row(self.log_path, row)
+        self.tracker.log(row)  # tensorboard / wandb, when train.report_to asks for them
         log.debug("step %d: %s", self.step, row)
 
 
