@@ -48,6 +48,14 @@ def tiny_sharded_bf16_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture()
+def env(monkeypatch):
+    """The environment without the switches a user may have exported (FORCE, RESUME); monkeypatch to set more."""
+    monkeypatch.delenv("FORCE", raising=False)
+    monkeypatch.delenv("RESUME", raising=False)
+    return monkeypatch
+
+
+@pytest.fixture()
 def run_script():
     """Run an entry script as a real subprocess with the repo's PYTHONPATH; returns CompletedProcess."""
     import subprocess

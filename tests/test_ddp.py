@@ -43,13 +43,6 @@ train_main = pytest.importorskip("train_phase1a_fullprecision").main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture()
-def env(monkeypatch):
-    monkeypatch.delenv("FORCE", raising=False)
-    monkeypatch.delenv("RESUME", raising=False)
-    return monkeypatch
-
-
 def torchrun(config: Path, nproc: int = 2) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts"), "OMP_NUM_THREADS": "1",
            "COGUMI_DIST_TIMEOUT_S": "60"}  # a backstop: torchrun itself ends the others when a rank dies

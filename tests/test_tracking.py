@@ -27,12 +27,10 @@ def validation_report() -> dict:
 
 
 @pytest.fixture()
-def trained(tmp_path, tiny_base, memorised_data, monkeypatch, request):
+def trained(tmp_path, tiny_base, memorised_data, env, request):
     """A tiny run with train.report_to set to the test's parameter; (config, its train_log.jsonl rows)."""
-    monkeypatch.delenv("FORCE", raising=False)
-    monkeypatch.delenv("RESUME", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")  # no network, no login
-    monkeypatch.setenv("WANDB_SILENT", "true")
+    env.setenv("WANDB_MODE", "offline")  # no network, no login
+    env.setenv("WANDB_SILENT", "true")
     cfg = write_config(tmp_path, tiny_base, memorised_data, train={**STEPS, "report_to": request.param})
     assert train_main(["--phase", str(cfg)]) == 0
     config = load_config(cfg)

@@ -30,13 +30,6 @@ train_main = pytest.importorskip("train_phase1a_fullprecision").main
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture()
-def env(monkeypatch):
-    monkeypatch.delenv("FORCE", raising=False)
-    monkeypatch.delenv("RESUME", raising=False)
-    return monkeypatch
-
-
 # ---------------------------------------------------------------- it learns
 
 
