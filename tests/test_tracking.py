@@ -49,6 +49,16 @@ def test_report_to_accepts_none_one_or_a_list_and_refuses_the_rest():
         parse_report_to({"tensorboard": True})
 
 
+def test_switching_tracking_on_or_off_still_resumes(tmp_path, tiny_base, memorised_data):
+    # Tracking is a view of the log: a run started without it may resume with it (no "different settings" refusal).
+    from cogumi.train.trainer import training_hash
+
+    cfg = write_config(tmp_path, tiny_base, memorised_data)
+    plain = training_hash(load_config(cfg))
+    assert training_hash(load_config(cfg, ["train.report_to=[tensorboard,wandb]"])) == plain
+    assert training_hash(load_config(cfg, ["train.learning_rate=1e-3"])) != plain
+
+
 def tensorboard_events(folder: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -46,8 +46,8 @@ RNG_FILE = "rng-rank{rank}.pt"
 # Keys that do not change what is trained: a resumed run may change them freely. The split of the effective batch
 # into micro-batch x accumulation is one of them (the hash records the effective batch instead); memory and speed
 # settings are others.
-_NOT_TRAINING = {"train": {"log_every", "device", "liger", "attention", "gradient_checkpointing", "checkpoint_layers",
-                           "memory_budget_gib", "micro_batch_size", "grad_accum"}}
+_NOT_TRAINING = {"train": {"log_every", "report_to", "device", "liger", "attention", "gradient_checkpointing",
+                           "checkpoint_layers", "memory_budget_gib", "micro_batch_size", "grad_accum"}}
 
 
 @dataclass(frozen=True)
