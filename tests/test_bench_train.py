@@ -47,6 +47,7 @@ def _batch(vocab: int = 512, bs: int = 2, seq: int = 32):
     return {"input_ids": ids, "labels": labels}
 
 
+@pytest.mark.slow
 def test_bench_tiny_cpu_subprocess(run_script, tmp_path):
     """`bench_train.py --shape tiny` on CPU: JSON lines with the reported fields; fast agrees with plain."""
     proc = run_script("bench/bench_train.py", "--shape", "tiny", "--device", "cpu", "--variants", "baseline,fast-bs1",

@@ -159,6 +159,7 @@ def _validate_setup(tmp_path: Path, tiny_model_dir: Path, gates: dict) -> tuple[
     return config, candidate
 
 
+@pytest.mark.slow
 def test_validate_end_to_end_stamp_follows_the_gates(tmp_path, run_script, tiny_model_dir):
     # Expected outcomes: m1, m2 losses (baseline right), m3, m4 ties (both wrong): 0 % win, 50 % tie, 50 % loss.
     # CODE: c1 a loss (baseline's program passes), c2 a tie (its program is wrong).

@@ -73,6 +73,7 @@ def two_process_run(tmp_path_factory, tiny_base, memorised_data):
     return cfg, out
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_base, memorised_data, two_process_run,
                                                       env):
     two_cfg, out = two_process_run
@@ -109,6 +110,7 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_killed_rank_ends_the_run_and_a_restart_resumes(tmp_path, tiny_base, memorised_data,
                                                             two_process_run, env):
     cfg = write_config(tmp_path, tiny_base, memorised_data, root="killed", **SECTIONS)
@@ -140,6 +142,7 @@ def test_a_killed_rank_ends_the_run_and_a_restart_resumes(tmp_path, tiny_base, m
     assert diff <= 1e-6, f"resumed two-process run differs from the uninterrupted one by {diff}"
 
 
+@pytest.mark.slow
 def test_resume_with_another_process_count_keeps_the_effective_batch(tmp_path, tiny_base, memorised_data,
                                                                       two_process_run, env, caplog):
     """A checkpoint of the two-process run, resumed by one process (accumulation 1 -> 2), ends where it ends."""

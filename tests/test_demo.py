@@ -7,6 +7,7 @@ CODE-style problems with McNemar p < 0.05, so a regression anywhere in train -> 
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from cogumi.demo import tasks as demo_data
@@ -24,6 +25,7 @@ def test_shipped_demo_data_is_the_generators_output_and_held_out_is_disjoint():
     assert len(held_out) == 80 and not train_prompts & set(held_out)
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain_passes_its_gate_and_reuses_on_a_second_run(tmp_path, run_script):
     root = tmp_path / "demo-root"
     first = run_script("demo.py", "--root", str(root), timeout=1200)

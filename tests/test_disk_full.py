@@ -108,6 +108,7 @@ def small_fs(tmpfs):
     return tmpfs(8 * MB)
 
 
+@pytest.mark.slow
 def test_disk_full_stops_cleanly_then_resumes_to_the_same_adapter(tmp_path, small_fs, tiny_model_dir, data_file):
     import torch
     from safetensors.torch import load_file
@@ -159,6 +160,7 @@ def test_disk_full_stops_cleanly_then_resumes_to_the_same_adapter(tmp_path, smal
     assert [s for s, _ in list_complete(run_dir)] == [MAX_STEPS - SAVE_STEPS, MAX_STEPS]
 
 
+@pytest.mark.slow
 def test_sidecar_is_gone_after_a_crash_ctrl_c_and_kill_9(tmp_path, tiny_model_dir, data_file):
     # Three independent trainers at once (they share the start-up time).
     crash_cfg = write_config(tmp_path, tiny_model_dir, data_file, tmp_path / "crash")

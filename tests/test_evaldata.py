@@ -47,6 +47,7 @@ def test_code_prompts_name_the_function():
     assert mb.tests.count("assert") == 3
 
 
+@pytest.mark.slow
 def test_limit_is_a_fixed_seed_sample_in_source_order():
     first = [p.id for p in load_task("math500", limit=20, seed=0)]
     again = [p.id for p in load_task("math500", limit=20, seed=0)]
@@ -60,6 +61,7 @@ def test_limit_is_a_fixed_seed_sample_in_source_order():
         load_task("humaneval", limit=0)
 
 
+@pytest.mark.slow
 def test_subset_filters_level_and_type():
     level5 = load_task("math500", subset="level=5")
     assert len(level5) == 134 and all(p.meta["level"] == 5 for p in level5)

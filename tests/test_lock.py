@@ -71,6 +71,7 @@ def test_numpy_is_1x_in_the_lock():
     assert read_lock(REQ / "base.txt")["numpy"].startswith("1.")
 
 
+@pytest.mark.slow
 def test_check_env_passes_here_and_fails_on_a_drifted_lock(tmp_path):
     script = REPO_ROOT / "scripts" / "check_env.py"
     ok = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)

@@ -100,6 +100,7 @@ def fp32_adapter(fp32_sharded, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- exactness
 
 
+@pytest.mark.slow
 def test_fp32_merge_equals_peft_and_leaves_the_rest_byte_identical(fp32_sharded, fp32_adapter, tmp_path):
     out = tmp_path / "merged"
     report = run_merge(job(fp32_sharded, fp32_adapter, out))
@@ -123,6 +124,7 @@ def test_fp32_merge_equals_peft_and_leaves_the_rest_byte_identical(fp32_sharded,
     assert json.loads((out / "merge_report.json").read_text())["verification"]["skipped"] is True
 
 
+@pytest.mark.slow
 def test_bf16_result_is_one_rounding_of_the_fp32_sum(tiny_sharded_bf16_dir, tmp_path):
     adapter = make_adapter(tiny_sharded_bf16_dir, tmp_path / "adapter")
     out = tmp_path / "merged"
@@ -142,6 +144,7 @@ def test_bf16_result_is_one_rounding_of_the_fp32_sum(tiny_sharded_bf16_dir, tmp_
     assert double_rounding_differs > 0  # the check above can tell one rounding from two
 
 
+@pytest.mark.slow
 def test_rslora_rank_alpha_patterns_and_embedding_lora_equal_peft(fp32_sharded, tmp_path):
     adapter = make_adapter(fp32_sharded, tmp_path / "adapter", use_rslora=True,
                            target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
@@ -156,6 +159,7 @@ def test_rslora_rank_alpha_patterns_and_embedding_lora_equal_peft(fp32_sharded, 
     assert not torch.equal(merged["model.embed_tokens.weight"], read_weights(fp32_sharded)["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow
 def test_fan_in_fan_out_conv1d_equals_peft(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -276,6 +280,7 @@ def test_existing_output_refused_without_force_and_moved_aside_with_it(fp32_shar
 # ---------------------------------------------------------------- verification
 
 
+@pytest.mark.slow
 def test_entry_script_verifies_and_reports(tiny_sharded_bf16_dir, tmp_path, run_script):
     make_adapter(tiny_sharded_bf16_dir, tmp_path / "demo" / "adapter")
     config = tmp_path / "demo.yaml"
@@ -297,6 +302,7 @@ def test_entry_script_verifies_and_reports(tiny_sharded_bf16_dir, tmp_path, run_
     assert report["verification"]["skipped"] is True and "not" in report["verification"]["reason"]
 
 
+@pytest.mark.slow
 def test_failed_verification_exits_non_zero_and_keeps_output_aside(tiny_sharded_bf16_dir, tmp_path, monkeypatch):
     import merge_adapter_fullprecision as entry
 
@@ -341,6 +347,7 @@ print(json.dumps({"rss_before_mb": before, "peak_mb": peak_rss_mb()}))
 """
 
 
+@pytest.mark.slow
 def test_peak_memory_grows_by_less_than_two_shards(tiny_sharded_bf16_dir, tmp_path):
     """Measured in a fresh process: its peak RSS (VmHWM, reset after a warm-up merge) over its RSS just before
     the merge. RSS is per process, so a busy machine changes the timing but not this number; ru_maxrss would

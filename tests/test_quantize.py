@@ -48,6 +48,7 @@ def adapter_for(base, adapter_dir):
     write_manifest(adapter_dir, "adapter", base_model=str(base), trained_on_quantized=False)
 
 
+@pytest.mark.slow
 def test_train_and_merge_entry_scripts_refuse_the_quantized_output(tmp_path, tiny_sharded_bf16_dir, run_script):
     merged, out = quantized_output_like(tmp_path, tiny_sharded_bf16_dir, "nf4")
     adapter_for(merged, tmp_path / "phaseq" / "adapter")
@@ -63,6 +64,7 @@ def test_train_and_merge_entry_scripts_refuse_the_quantized_output(tmp_path, tin
     assert not (tmp_path / "phaseq_merged").exists()
 
 
+@pytest.mark.slow
 def test_quantize_without_a_gpu_says_so_in_one_line_and_fails(tmp_path, run_script):
     config = tmp_path / "phaseq.yaml"
     config.write_text(f"name: phaseq\noutput_root: {tmp_path}\n")

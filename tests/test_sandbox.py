@@ -41,6 +41,7 @@ def _leftover_dirs() -> set[str]:
     return {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("cogumi-sandbox-")}
 
 
+@pytest.mark.slow
 def test_all_humaneval_and_mbpp_references_pass(humaneval, mbpp):
     before = _leftover_dirs()
     problems = humaneval + mbpp

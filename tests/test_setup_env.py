@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SETUP = REPO_ROOT / "scripts" / "setup_env.sh"
 
@@ -36,6 +38,7 @@ def flash_attn_installed() -> bool:
     return subprocess.run([sys.executable, "-c", "import flash_attn"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_wheel_name_matches_the_installed_torch_cuda_python_and_abi():
     out = run_step("flash_attn_wheel_name")
     assert out.returncode == 0, out.stderr
@@ -49,6 +52,7 @@ def test_no_gpu_means_sdpa_without_any_download():
     assert "no NVIDIA GPU here; attention uses sdpa" in out.stdout
 
 
+@pytest.mark.slow
 def test_gpu_host_without_a_reachable_wheel_falls_back_to_sdpa_and_never_compiles(tmp_path):
     assert not flash_attn_installed()
     # Port 9 on loopback refuses at once: the same path as an unreachable release page.
@@ -61,6 +65,7 @@ def test_gpu_host_without_a_reachable_wheel_falls_back_to_sdpa_and_never_compile
     assert not list((REPO_ROOT / ".cache" / "wheels").glob("*.part"))
 
 
+@pytest.mark.slow
 def test_second_run_of_setup_is_idempotent_and_keeps_the_lock():
     out = subprocess.run(["bash", str(SETUP)], cwd=REPO_ROOT, env={**os.environ, "SKIP_CHECK": "1"},
                          capture_output=True, text=True, timeout=300)

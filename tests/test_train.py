@@ -166,6 +166,7 @@ def test_unvalidated_merged_base_refused_and_force_recorded(tmp_path, tiny_base,
 # ---------------------------------------------------------------- exact resume
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_random_step_then_train_again_equals_uninterrupted(tmp_path, tiny_base, memorised_data,
                                                                          env, capsys):
     sections = {"train": {"max_steps": 16, "micro_batch_size": 2, "grad_accum": 2, "log_every": 1},
