@@ -134,8 +134,9 @@ def no_tracker() -> Tracker:
 def _open_tensorboard(run_dir: Path, name: str, config: dict, start_step: int):
     from torch.utils.tensorboard import SummaryWriter
 
-    # purge_step: after a resume the steps past the checkpoint are logged again; tensorboard drops the old ones.
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step or None)
+    # purge_step: after a resume from step T the steps past T are logged again; tensorboard drops the old ones
+    # (as train_log.jsonl is cut back to T), and keeps T itself, which the resumed run does not log again.
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
     import yaml
 
     writer.add_text("config", "```\n" + yaml.safe_dump(config, sort_keys=False) + "```", start_step)
