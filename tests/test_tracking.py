@@ -28,7 +28,7 @@ def validation_report() -> dict:
 
 @pytest.fixture()
 def trained(tmp_path, tiny_base, memorised_data, env, request):
-    """A tiny run with train.report_to set to the test's parameter; (config, its train_log.jsonl rows)."""
+    """A tiny run with train.report_to set to the test's parameter; (config, its train_log.jsonl rows, its file)."""
     env.setenv("WANDB_MODE", "offline")  # no network, no login
     env.setenv("WANDB_SILENT", "true")
     cfg = write_config(tmp_path, tiny_base, memorised_data, train={**STEPS, "report_to": request.param})
@@ -36,7 +36,7 @@ def trained(tmp_path, tiny_base, memorised_data, env, request):
     config = load_config(cfg)
     rows = read_log(run_dir(cfg) / "train_log.jsonl")
     assert [row["step"] for row in rows] == [2, 4, 6]
-    return config, rows
+    return config, rows, cfg
 
 
 def test_report_to_accepts_none_one_or_a_list_and_refuses_the_rest():
@@ -69,7 +69,7 @@ def tensorboard_events(folder: Path):
 
 @pytest.mark.parametrize("trained", ["tensorboard"], indirect=True)
 def test_tensorboard_event_files_hold_the_train_log_the_config_and_the_validation_table(trained):
-    config, rows = trained
+    config, rows, _ = trained
     folder = config.run_dir / "tensorboard"
     events = tensorboard_events(folder)
     for key in ("loss", "lr", "tokens_per_s", "peak_mem_gib"):
@@ -86,6 +86,22 @@ def test_tensorboard_event_files_hold_the_train_log_the_config_and_the_validatio
     assert [e.value for e in events.Scalars("validate/passed")] == [1.0]
     table = events.Tensors("validate/win_tie_loss/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| math | 50 | 10.0 | 60.0 | 20.0 | 10.0 | 1.0 |" in table
+
+
+@pytest.mark.parametrize("trained", ["tensorboard"], indirect=True)
+def test_a_resumed_run_logs_each_step_once(trained, env):
+    # A crash after step 6 was logged but before its checkpoint completed: the run resumes from checkpoint-4 and
+    # logs 6 again; tensorboard must show it once, with the resumed run's value, as train_log.jsonl does.
+    import shutil
+
+    config, _, config_file = trained
+    shutil.rmtree(config.run_dir / "checkpoint-6")
+    shutil.rmtree(config.run_dir / "adapter")
+    assert train_main(["--phase", str(config_file)]) == 0
+    rows = read_log(config.run_dir / "train_log.jsonl")
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    logged = [(e.step, e.value) for e in tensorboard_events(config.run_dir / "tensorboard").Scalars("train/loss")]
+    assert logged == [(row["step"], pytest.approx(row["loss"], rel=1e-6)) for row in rows]
 
 
 def wandb_records(folder: Path) -> list:
@@ -107,7 +123,7 @@ def wandb_records(folder: Path) -> list:
 @pytest.mark.slow  # wandb starts its service process: ~30 s on the 2-core machine
 @pytest.mark.parametrize("trained", [["tensorboard", "wandb"]], indirect=True)
 def test_offline_wandb_run_holds_the_train_log_the_config_and_the_validation_table(trained):
-    config, rows = trained
+    config, rows, _ = trained
     assert (config.run_dir / "tensorboard").is_dir()  # both reporters at once
     run_id = (config.run_dir / WANDB_ID_FILE).read_text().strip()
     records = wandb_records(config.run_dir)
