@@ -12,6 +12,7 @@ Where it goes, under the phase's run folder (checkpoints/<phase>/):
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import uuid
@@ -46,6 +47,10 @@ def parse_report_to(value, where: str = "train.report_to") -> tuple[str, ...]:
                             fix=f"use none, {', '.join(REPORTERS)}, or a list of them")
         if item not in names:
             names.append(item)
+    for name in names:  # at config load, so a missing package fails in seconds, not after the model loads
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f"train.report_to asks for {name}, which is not installed", where=where,
+                            fix="run `make setup` (it installs requirements/tracking.txt), or train.report_to=none")
     return tuple(names)
 
 
@@ -57,11 +62,9 @@ class Tracker:
         for reporter in reporters:
             try:
                 self.writers[reporter] = _OPEN[reporter](Path(run_dir), name, config, start_step)
-            except ImportError as err:
-                raise UserError(f"train.report_to asks for {reporter}, which is not installed ({err})",
-                                where="train.report_to",
-                                fix="run `make setup` (it installs requirements/tracking.txt), or set "
-                                    "train.report_to=none") from err
+            except Exception as err:  # e.g. wandb online with no network or login: train_log.jsonl still records
+                log.warning("%s tracking is off for this run: it could not start (%s: %s); for wandb without a "
+                            "network, set WANDB_MODE=offline", reporter, type(err).__name__, err)
 
     def log(self, row: dict) -> None:
         """One train_log.jsonl row: its `step` and every number in it, under train/."""
