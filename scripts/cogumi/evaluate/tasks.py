@@ -22,7 +22,7 @@ def judge_math_outputs(problems: list[Problem], outputs: list[str]) -> list[Verd
 
 
 def judge_code_outputs(problems: list[Problem], outputs: list[str]) -> list[Verdict]:
-    from cogumi.evaluate.sandbox import judge_many
+    from cogumi.evaluate.code_judge import judge_many
 
     return list(judge_many(list(zip(outputs, problems, strict=True)), workers=JUDGE_WORKERS))
 
