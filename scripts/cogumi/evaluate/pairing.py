@@ -7,6 +7,12 @@ right), tie_wrong (both wrong). "tie" is tie_right + tie_wrong, as in the origin
 McNemar's test looks only at the discordant pairs (wins b, losses c): under "both models are equally good" each
 discordant pair is a fair coin, so the exact two-sided p-value is a binomial tail on b + c, computed with integers.
 It is two-sided: a small p says the models differ, not in which direction; read it with win vs loss.
+
+A problem where either side's verdict is a judge error (the judge could not decide: its worker died or timed
+out, its parser failed) is "judge_error": left out of win/tie/loss and of n, counted apart, and gated by
+judge_error_max (percent of all problems; JUDGE_ERROR_MAX_PCT when a gated task had judge errors and its gates
+do not set it), so a judge
+failure is never read as a wrong answer nor lets a run through unnoticed (ISSUES_LOG "judge errors").
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ from cogumi.core.errors import UserError
 from cogumi.evaluate.tasks import TASKS
 
 OUTCOMES = ("win", "tie_right", "tie_wrong", "loss")
+JUDGE_ERROR = "judge_error"
+JUDGE_ERROR_MAX_PCT = 2.0  # a larger share of undecided problems makes the comparison itself doubtful
 RATE_METRICS = ("win", "tie", "tie_right", "tie_wrong", "loss")  # gated as percentages, 0-100
 # Gate keys: <rate>_min / <rate>_max in percent, p_max on the McNemar p-value, n_min on the problem count
 # (so a quick `--limit` run cannot stamp a model VALIDATED when the config asks for the full set).
-GATE_KEYS = tuple(f"{m}_{bound}" for m in RATE_METRICS for bound in ("min", "max")) + ("p_max", "n_min")
+GATE_KEYS = tuple(f"{m}_{bound}" for m in RATE_METRICS for bound in ("min", "max")) + ("p_max", "n_min",
+                                                                                      "judge_error_max")
 # Percentages are computed as 100 * count / n; allow float noise so 3/50 meets "win_min: 6".
 EPS = 1e-9
 
@@ -36,7 +45,9 @@ class GateResult(NamedTuple):
     passed: bool
 
 
-def outcome(candidate_passed: bool, baseline_passed: bool) -> str:
+def outcome(candidate_passed: bool, baseline_passed: bool, judge_error: bool = False) -> str:
+    if judge_error:
+        return JUDGE_ERROR
     if candidate_passed and baseline_passed:
         return "tie_right"
     if candidate_passed:
@@ -62,10 +73,13 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def summarize(outcomes: list[str]) -> dict:
-    """Counts, percentages, accuracies and the McNemar p-value of one task's outcomes."""
-    unknown = set(outcomes) - set(OUTCOMES)
+    """Counts, percentages, accuracies and the McNemar p-value of one task's outcomes; judge errors are counted
+    apart (`judge_errors`, `judge_error_pct` of all problems) and left out of n and every other figure."""
+    unknown = set(outcomes) - set(OUTCOMES) - {JUDGE_ERROR}
     if unknown:
         raise ValueError(f"unknown outcomes {sorted(unknown)}")
+    errors = sum(1 for o in outcomes if o == JUDGE_ERROR)
+    outcomes = [o for o in outcomes if o != JUDGE_ERROR]
     counts = Counter(outcomes)
     n = len(outcomes)
     counts = {name: counts.get(name, 0) for name in OUTCOMES}
@@ -81,6 +95,9 @@ def summarize(outcomes: list[str]) -> dict:
         "candidate_accuracy": pct(counts["win"] + counts["tie_right"]),
         "baseline_accuracy": pct(counts["loss"] + counts["tie_right"]),
         "mcnemar_p": mcnemar_exact(counts["win"], counts["loss"]),
+        "problems": n + errors,
+        "judge_errors": errors,
+        "judge_error_pct": 100.0 * errors / (n + errors) if n + errors else 0.0,
     }
 
 
@@ -111,7 +128,7 @@ def check_gates(gates: dict, tasks: list[str], *, source: str = "validate.gates"
             if key not in GATE_KEYS:
                 raise UserError(f"unknown gate '{key}'", where=where,
                                 fix=f"gates are <win|tie|tie_right|tie_wrong|loss>_<min|max> (percent), p_max, "
-                                    f"n_min{_did_you_mean(key, GATE_KEYS)}")
+                                    f"n_min, judge_error_max (percent){_did_you_mean(key, GATE_KEYS)}")
             if isinstance(limit, bool) or not isinstance(limit, int | float):
                 raise UserError(f"gate {task}.{key} must be a number, got {limit!r}", where=where,
                                 fix="write percentages as numbers, e.g. win_min: 6 for 6 %")
@@ -119,7 +136,7 @@ def check_gates(gates: dict, tasks: list[str], *, source: str = "validate.gates"
                 raise UserError(f"p_max must be within 0..1, got {limit}", where=where, fix="e.g. p_max: 0.05")
             if key == "n_min" and limit < 0:
                 raise UserError(f"n_min must be a count >= 0, got {limit}", where=where, fix="e.g. n_min: 500")
-            if key not in ("p_max", "n_min") and not 0 <= limit <= 100:
+            if key not in ("p_max", "n_min") and not 0 <= limit <= 100:  # judge_error_max is a percentage too
                 raise UserError(f"gate {task}.{key} is a percentage (0-100), got {limit}", where=where,
                                 fix="write 6 for 6 %, not 0.06")
             checked[task][key] = float(limit)
@@ -165,13 +182,19 @@ def gate_value(summary: dict, key: str) -> float:
         return summary["mcnemar_p"]
     if key == "n_min":
         return float(summary["n"])
+    if key == "judge_error_max":
+        return summary.get("judge_error_pct", 0.0)
     return summary["pct"][key.rsplit("_", 1)[0]]
 
 
 def evaluate_gates(summary: dict, gates: dict) -> list[GateResult]:
-    """Every gate against the per-task summaries ({task: summarize(...)}); a task not run fails its gates."""
+    """Every gate against the per-task summaries ({task: summarize(...)}); a task not run fails its gates.
+
+    A gated task with judge errors always gets judge_error_max (JUDGE_ERROR_MAX_PCT unless its gates set it)."""
     results = []
     for task, task_gates in gates.items():
+        if summary.get(task, {}).get("judge_errors"):
+            task_gates = {**task_gates, "judge_error_max": task_gates.get("judge_error_max", JUDGE_ERROR_MAX_PCT)}
         for key, limit in task_gates.items():
             if task not in summary:
                 results.append(GateResult(task, key, None, limit, False))

@@ -109,7 +109,7 @@ def _probe(iso: Isolation) -> bool:
     except (OSError, subprocess.TimeoutExpired):
         return False
     finally:
-        _remove_tree(workdir)
+        remove_tree(workdir)
     return done.returncode == 0
 
 
@@ -220,7 +220,7 @@ def _tail(fh, limit: int) -> str:
     return fh.read().decode("utf-8", "replace")
 
 
-def _remove_tree(path: str) -> None:
+def remove_tree(path: str) -> None:
     """Delete a tree the program may have made hostile (chmod 000, 3,000 levels deep); never raises."""
     def unlock(func, p, _exc):  # a program may chmod 000 its own files; make them removable and retry once
         try:
@@ -324,7 +324,7 @@ def run_program(source: str, *, tests: str = "", timeout_s: float = 10.0, memory
     finally:
         if proc is not None:
             _kill_group(proc)  # whatever the program left behind in its group goes with it
-        _remove_tree(workdir)
+        remove_tree(workdir)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

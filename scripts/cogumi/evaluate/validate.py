@@ -134,13 +134,15 @@ def pair_task(task: str, problems: list, cand_out: list[str], base_out: list[str
     cand_v, base_v = TASKS[task].judge(problems, cand_out), TASKS[task].judge(problems, base_out)
     rows = []
     for p, co, bo, cv, bv in zip(problems, cand_out, base_out, cand_v, base_v, strict=True):
-        rows.append({"task": task, "id": p.id, "prompt": p.prompt, "outcome": outcome(cv.passed, bv.passed),
+        rows.append({"task": task, "id": p.id, "prompt": p.prompt, "gold": p.answer if task == "math" else p.tests,
+                     "outcome": outcome(cv.passed, bv.passed, cv.judge_error or bv.judge_error),
                      "candidate": _side(co, cv), "baseline": _side(bo, bv)})
     return summarize([r["outcome"] for r in rows]), rows
 
 
 def _side(output: str, verdict) -> dict:
-    return {"output": output, "passed": verdict.passed, "reason": verdict.reason, "extracted": verdict.extracted}
+    return {"output": output, "passed": verdict.passed, "reason": verdict.reason, "extracted": verdict.extracted,
+            "judge_error": verdict.judge_error}
 
 
 def build_report(plan: Plan, config: PhaseConfig, summaries: dict, gate_results: list) -> dict:
@@ -178,7 +180,8 @@ def one_screen(report: dict, gate_results, report_md: Path) -> str:
         pct = s["pct"]
         lines.append(f"  {task:<4} n={s['n']:<4} win {pct['win']:5.1f} %  tie {pct['tie']:5.1f} % "
                      f"(right {pct['tie_right']:.1f}, wrong {pct['tie_wrong']:.1f})  loss {pct['loss']:5.1f} %  "
-                     f"McNemar p={s['mcnemar_p']:.3g}")
+                     f"McNemar p={s['mcnemar_p']:.3g}"
+                     + (f"  judge errors {s['judge_errors']} (left out)" if s.get("judge_errors") else ""))
     failing = [g for g in gate_results if not g.passed]
     if not gate_results:
         lines.append(f"No gates configured (validate.gates): no {VALIDATED_STAMP} stamp. Details: {report_md}")
