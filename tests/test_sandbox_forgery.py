@@ -143,7 +143,8 @@ def test_humaneval_with_20_forging_completions_scores_0_passes():
     outputs = [f"```python\n{tricks[i % len(tricks)].format(e=p.entry_point)}```" for i, p in enumerate(problems)]
     assert all(p.entry_point in extract_program(o, p) for o, p in zip(outputs, problems, strict=True))
     verdicts = judge_many(list(zip(outputs, problems, strict=True)), workers=2, **FAST)
-    assert sum(v.passed for v in verdicts) == 0, [(p.id, v.reason) for p, v in zip(problems, verdicts, strict=False) if v.passed]
+    forged = [(p.id, v.reason) for p, v in zip(problems, verdicts, strict=True) if v.passed]
+    assert not forged
 
 
 def test_refused_without_containment_unless_opted_in(monkeypatch):
