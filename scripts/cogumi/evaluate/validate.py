@@ -129,9 +129,13 @@ def run_generation(model_name, problems: dict, config: PhaseConfig, side: str) -
     return outputs, stats
 
 
-def pair_task(task: str, problems: list, cand_out: list[str], base_out: list[str]) -> tuple[dict, list[dict]]:
-    """Judge both sides, then one outcome per problem: the task summary and its sample rows."""
-    cand_v, base_v = TASKS[task].judge(problems, cand_out), TASKS[task].judge(problems, base_out)
+def pair_task(task: str, problems: list, cand_out: list[str], base_out: list[str], *,
+              capped: tuple = ((), ())) -> tuple[dict, list[dict]]:
+    """Judge both sides, then one outcome per problem: the task summary and its sample rows.
+
+    capped: (candidate, baseline) indices of outputs cut off at max_new_tokens (Generation.capped)."""
+    cand_v = TASKS[task].judge(problems, cand_out, set(capped[0] or ()))
+    base_v = TASKS[task].judge(problems, base_out, set(capped[1] or ()))
     rows = []
     for p, co, bo, cv, bv in zip(problems, cand_out, base_out, cand_v, base_v, strict=True):
         rows.append({"task": task, "id": p.id, "prompt": p.prompt, "gold": p.answer if task == "math" else p.tests,
