@@ -11,7 +11,10 @@ Rules, for pred (the model's answer) against gold:
     ("2, -3", solutions in any order) as multisets; unions of intervals (`\\cup`) as sets of intervals;
   * equations: equal when one is a non-zero multiple of the other (`2x+2y=2` and `x+y=1`); an equation never
     equals an expression (the caller already reduced `x = 3` to `3`);
-  * symbolic expressions: sympy.simplify(x - y) == 0.
+  * symbolic expressions: sympy.simplify(x - y) == 0;
+  * `a \\pm b` is the two answers a+b and a-b (also inside a set or list); a pmatrix/bmatrix compares cell by
+    cell; a number in a base (`52_8`, `52_{8}`) compares digits and base as text, and a bare `52` against it
+    is equal (the problem named the base).
 `compare` returns True/False, or raises ParseError/UnsupportedLatex (the caller turns the latter, and any gold
 it cannot read, into a judge_error).
 """
@@ -118,8 +121,41 @@ def _multiset_equal(xs: list[str], ys: list[str]) -> bool:
     return True
 
 
+_MATRIX = re.compile(r"\\begin\{([pbv]?matrix)\}(.*)\\end\{\1\}", re.S)
+_BASE = re.compile(r"(\w+)_\{?(\w+)\}?")
+
+
+def _matrix(s: str) -> list[list[str]] | None:
+    match = _MATRIX.fullmatch(s.strip())
+    if not match:
+        return None
+    return [[cell.strip() for cell in row.split("&")] for row in match.group(2).split("\\\\") if row.strip()]
+
+
+def _expand_pm(items: list[str]) -> list[str]:
+    out = []
+    for item in items:
+        parts = split_top(item, "\\pm")
+        out += [f"{parts[0]} + ({parts[1]})", f"{parts[0]} - ({parts[1]})"] if len(parts) == 2 else [item]
+    return out
+
+
 def equal(pred: str, gold: str) -> bool:
     """Equality of two canonical answers (see the module docstring)."""
+    mp, mg = _matrix(pred), _matrix(gold)
+    if mp is not None or mg is not None:
+        if mp is None or mg is None or [len(r) for r in mp] != [len(r) for r in mg]:
+            return False
+        return all(equal(a, b) for ra, rb in zip(mp, mg, strict=True) for a, b in zip(ra, rb, strict=True))
+    bp_, bg_ = _BASE.fullmatch(pred.strip()), _BASE.fullmatch(gold.strip())
+    if bg_ and bg_.group(1).isalnum() and not bg_.group(1).isalpha():
+        digits = bp_.groups() if bp_ else (pred.strip(), bg_.group(2))
+        return digits == bg_.groups()
+    if "\\pm" in pred or "\\pm" in gold:
+        inner_p, inner_g = brackets(pred), brackets(gold)
+        xs = _expand_pm(split_top(inner_p[1] if inner_p else pred))
+        ys = _expand_pm(split_top(inner_g[1] if inner_g else gold))
+        return _multiset_equal(xs, ys)
     up, ug = split_top(pred, "\\cup"), split_top(gold, "\\cup")
     if len(up) > 1 or len(ug) > 1:
         return _multiset_equal(up, ug)
