@@ -1,5 +1,4 @@
-"""Extraction on real model formats, and judge errors that are never wrong answers (ISSUES_LOG "extraction",
-"judge errors scored as wrong answers")."""
+"""Extraction on real model formats, and judge errors that are never wrong answers (ISSUES_LOG B10, B9)."""
 
 from __future__ import annotations
 

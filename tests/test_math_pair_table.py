@@ -2,7 +2,7 @@
 
 Every class here has pairs the judge before this table got wrong (mixed numbers read as products, anagrams
 equal as products of symbols, huge integers and tiny numbers equal within a relative tolerance, percent signs
-ignored, `{,}` separators, equations, unions): ISSUES_LOG "MATH judge classes".
+ignored, `{,}` separators, equations, unions): ISSUES_LOG B8.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Programs written to forge a pass (what reward-hacking code models emit) must fail, and the kernel-side limits
-must hold where the audit hook is bypassed (ISSUES_LOG "dir_fd", "always-equal", "deep tree").
+must hold where the audit hook is bypassed (ISSUES_LOG B11, B13, B14).
 
 Each attack here passed or escaped on the earlier sandbox (one namespace for program and tests, limits resting
 on the audit hook): always-equal objects, an int subclass, a builtin-shadowing module function, patched

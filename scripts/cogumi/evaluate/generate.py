@@ -34,7 +34,7 @@ class Generation:
     new_tokens: int  # generated tokens, up to and including each row's stop token
     wall_s: float
     # Prompts (indices) whose answer ran into max_new_tokens without a stop token: the MATH judge gives these no
-    # last-number fallback (a cut-off repetition loop is not a solution; ISSUES_LOG "last-number fallback").
+    # last-number fallback (a cut-off repetition loop is not a solution; ISSUES_LOG B10).
     capped: list[int] = field(default_factory=list)
 
     @property

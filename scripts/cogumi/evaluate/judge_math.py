@@ -10,7 +10,7 @@
      symbolic expressions, tuples/intervals/sets/unions, equations.
 A comparison the judge cannot finish (the worker timed out, died or could not start; valid LaTeX the parser does
 not know; a gold it cannot read) is a judge error, never a wrong answer: `judge_math` returns a Verdict with
-judge_error=True and the real cause (ISSUES_LOG entry "judge errors scored as wrong answers").
+judge_error=True and the real cause (ISSUES_LOG B9).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ In order; the first that finds something wins:
                       followed by a unit or currency phrase keeps the number: `$18 per day` -> `18`);
   3. "last number":   the last number in the text, only when the output ended on its own: an output cut off at
                       the token limit without a box or an answer phrase has no answer (a repetition loop that
-                      happens to end on the gold is not a solution; ISSUES_LOG entry "last-number fallback").
+                      happens to end on the gold is not a solution; ISSUES_LOG B10).
 """
 
 from __future__ import annotations

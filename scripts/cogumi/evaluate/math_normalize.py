@@ -9,7 +9,7 @@ exact string comparison (the MATH paper's rule). What they do, in order:
   * `5.00` -> `5`, `.5` -> `0.5`; `x = 5` -> `5` (left side up to 2 characters, the MATH paper's rule);
   * `\\frac12` -> `\\frac{1}{2}`, `\\sqrt3` -> `\\sqrt{3}`, `a/b` -> `\\frac{a}{b}`;
   * mixed numbers `2\\frac{1}{4}` -> `\\frac{9}{4}` (an integer then a proper fraction of integers: in a final
-    answer that is a mixed number, never a product; ISSUES_LOG entry "mixed numbers");
+    answer that is a mixed number, never a product; ISSUES_LOG B8);
   * repeating decimals `0.\\overline{3}`, `0.1\\overline{6}`, `1.\\overline{27}` -> the exact fraction.
 """
 
@@ -155,7 +155,7 @@ def choice_letter(s: str | None) -> str | None:
 def word_answer(s: str) -> str | None:
     """A text answer as lower-case words (`\\text{East }` -> `east`); None when it is math, not words.
 
-    Words are compared as words: sympy would read `east` as e*a*s*t, equal to `seat` (ISSUES_LOG "anagrams").
+    Words are compared as words: sympy would read `east` as e*a*s*t, equal to `seat` (ISSUES_LOG B8).
     """
     text = unwrap_text(s.replace("\\ ", " ")).replace("$", "").strip().rstrip(".")
     if not re.fullmatch(r"[A-Za-z][A-Za-z ,'\-]*", text) or not re.search(r"[A-Za-z]{2,}", text):

@@ -12,7 +12,7 @@ A problem where either side's verdict is a judge error (the judge could not deci
 out, its parser failed) is "judge_error": left out of win/tie/loss and of n, counted apart, and gated by
 judge_error_max (percent of all problems; JUDGE_ERROR_MAX_PCT when a gated task had judge errors and its gates
 do not set it), so a judge
-failure is never read as a wrong answer nor lets a run through unnoticed (ISSUES_LOG "judge errors").
+failure is never read as a wrong answer nor lets a run through unnoticed (ISSUES_LOG B9).
 """
 
 from __future__ import annotations

@@ -33,5 +33,5 @@ class Verdict:
     reason: str  # "passed (...)", "wrong answer (...)", "no answer", "failed: AssertionError", "judge_error: ..."
     extracted: str | None = None  # the answer or program that was judged
     # The judge could not decide (its worker died or timed out, its parser failed): not a wrong answer; pairing
-    # leaves the problem out of win/tie/loss and counts it (ISSUES_LOG "judge errors scored as wrong answers").
+    # leaves the problem out of win/tie/loss and counts it (ISSUES_LOG B9).
     judge_error: bool = False

@@ -11,7 +11,7 @@ boundary, tests in their own namespace, frames out of reach, an unforgeable pass
     started), and a private MOUNT namespace in which every file system is remounted read-only, the eval data
     and this repo's data/ and tests/ are covered by empty read-only tmpfs, and the work dir is a fresh tmpfs of
     disk_mb that vanishes with the namespace. As root it also drops to uid/gid 65534 (`setpriv`). These are
-    kernel rules, so tricks past the audit hook (os.open(..., dir_fd=...)) meet them (ISSUES_LOG "dir_fd").
+    kernel rules, so tricks past the audit hook (os.open(..., dir_fd=...)) meet them (ISSUES_LOG B13).
   * without a mount and network namespace the run is NOT contained: `judge_code`/`judge_many` refuse (a
     UserError) unless the user opts in with COGUMI_ALLOW_UNCONTAINED_CODE=1; `isolation().describe()` says which.
 Cleanup of whatever the program leaves never raises (a 3,000-deep tree included: `rm -rf` after shutil).
@@ -231,7 +231,7 @@ def remove_tree(path: str) -> None:
             pass
     try:
         shutil.rmtree(path, onerror=unlock)
-    except (OSError, RecursionError, ValueError) as exc:  # shutil recurses per level (ISSUES_LOG "deep tree")
+    except (OSError, RecursionError, ValueError) as exc:  # shutil recurses per level (ISSUES_LOG B14)
         log.info("shutil could not remove %s (%s); using rm -rf", path, type(exc).__name__)
     if os.path.lexists(path):
         try:
