@@ -129,6 +129,16 @@ def test_a_deep_tree_is_cleaned_up_without_raising():
     assert not os.path.exists(root)
 
 
+def test_fences_are_repaired_and_syntax_errors_named():
+    problem = load_task("humaneval")[0]
+    lone_fence = f"```python\n{problem.reference}"  # the closing fence never came (cut off)
+    closing_only = problem.reference + "\n```"
+    verdicts = judge_many([(lone_fence, problem), (closing_only, problem)], **FAST)
+    assert [v.passed for v in verdicts] == [True, True], [v.reason for v in verdicts]
+    broken = judge_many([("```python\ndef f(:\n    pass\n```", problem)], **FAST)[0]
+    assert broken.reason.startswith("failed: SyntaxError") and "of the program" in broken.reason
+
+
 def test_humaneval_with_20_forging_completions_scores_0_passes():
     """Wrong answers dressed to pass: always-equal objects, subclasses, shadowed builtins, patched modules."""
     problems = load_task("humaneval")[:20]
