@@ -110,13 +110,16 @@ def test_dir_fd_escapes_meet_the_kernel(tmp_path):
     assert sorted(os.listdir(canary)) == ["keep.txt"] and (canary / "keep.txt").read_text() == "alive"
 
 
-def test_a_deep_tree_is_cleaned_up_without_raising():
+def test_a_deep_tree_is_cleaned_up_without_raising(monkeypatch):
+    private = tempfile.mkdtemp(prefix="cogumi-deep-test-")  # its own temp root: other runs share /tmp
+    os.chmod(private, 0o755)
+    monkeypatch.setattr(tempfile, "tempdir", private)
     deep = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\n"
-    before = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("cogumi-sandbox-")}
     verdict = run_program(deep + "def f(x):\n    return 2 * x\n", tests=TESTS, timeout_s=3.0)
     assert verdict.reason  # a verdict (the audit hook makes 3,000 levels slow: passed or timed out), no exception
-    after = {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("cogumi-sandbox-")}
-    assert after <= before, "the run's work dir is gone"
+    assert os.listdir(private) == [], "the run's work dir is gone"
+    monkeypatch.undo()
+    os.rmdir(private)
     root, cwd = tempfile.mkdtemp(prefix="cogumi-deep-"), os.getcwd()
     os.chdir(root)
     try:  # the same tree made here, as the fallback without a mount namespace would leave it
