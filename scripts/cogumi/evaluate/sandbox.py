@@ -103,6 +103,8 @@ def _probe(iso: Isolation) -> bool:
     workdir = tempfile.mkdtemp(prefix="cogumi-sandbox-probe-")
     try:
         os.chmod(workdir, 0o755)
+        if iso.uid_drop:  # without a mount namespace the probe writes into this very folder
+            os.chown(workdir, NOBODY, NOBODY)
         argv = [sys.executable, "-I", "-c", "import os; open('probe', 'w').write('x'); print(os.getcwd())"]
         done = subprocess.run(iso.command(workdir, 1, (), argv), stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=30, cwd=workdir)
