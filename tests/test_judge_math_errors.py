@@ -20,6 +20,9 @@ from cogumi.evaluate.judge_math import compare, extract_answer_with_source, judg
     ("The answer is $\\frac{3}{4}$.", "\\frac{3}{4}", "answer phrase"),
     ("The answer is \\(\\sqrt{2}\\).", "\\sqrt{2}", "answer phrase"),
     ("The answer is 45%.", "45\\%", "answer phrase"),
+    ("The answer is $5 + 3 = 8$.", "8", "answer phrase"),
+    ("The answer is $x = 8$.", "x = 8", "answer phrase"),
+    ("The answer is $18$ per day.", "18", "answer phrase"),
 ])
 def test_extraction_of_real_model_formats(text, answer, source):
     assert extract_answer_with_source(text) == (answer, source)

@@ -81,14 +81,17 @@ def _clean_phrase(ans: str) -> str:
     # Minerva's format ends with ". I hope it is correct."
     ans = re.split(r"\.\s+I hope it is correct", ans, maxsplit=1, flags=re.I)[0]
     ans = ans.strip().rstrip(".").strip()
-    if ans.startswith("$") and ans.count("$") >= 2 and not re.match(r"\$\s*\d", ans):  # "$\frac{1}{2}$." / "$x$"
-        ans = ans[1:ans.index("$", 1)]
+    if ans.startswith("$") and ans.count("$") >= 2:  # "$\frac{1}{2}$." / "$18$ per day" / "$18 per day, or $20"
+        inner = ans[1:ans.index("$", 1)]
+        if inner and inner == inner.rstrip():  # a formula ends at its "$"; currency text runs on to a space
+            ans = inner
     elif ans.startswith("\\(") and "\\)" in ans:
         ans = ans[2:ans.index("\\)")]
-    elif ans.startswith("$") and ans.count("$") >= 2:  # "$18$ per day" or "$18 per day, or $20"
-        inner = ans[1:ans.index("$", 1)]
-        ans = inner if re.fullmatch(r"\s*-?[\d,.]+\s*", inner) else ans
     ans = _strip_emphasis(ans).rstrip(".").strip()
+    if "=" in ans:  # "5 + 3 = 8": a worked sum ends on its result (a left side with letters is kept: "x = 8")
+        left, right = ans.rsplit("=", 1)
+        if re.fullmatch(r"\s*-?[\d,.]+\s*", right) and not re.search(r"[A-Za-z]", left):
+            ans = right.strip()
     with_words = _NUMBER_WITH_WORDS.match(ans)
     if with_words and not re.fullmatch(r"-?[\d,.]+", ans):
         ans = with_words.group(1) + ("\\%" if with_words.group(2) else "")
