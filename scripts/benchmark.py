@@ -62,7 +62,9 @@ def main(argv=None) -> int:
         base_out, base_stats = validate.run_generation(baseline_model, problems, config, "baseline")
     summaries, samples = {}, []
     for task in plan.tasks:
-        summaries[task], rows = validate.pair_task(task, problems[task], cand_out[task], base_out[task])
+        capped = (cand_stats[task].get("capped"), (base_stats.get(task) or {}).get("capped"))
+        summaries[task], rows = validate.pair_task(task, problems[task], cand_out[task], base_out[task],
+                                                   capped=capped)
         summaries[task].update(source=plan.sources[task]["source"],
                                generation={"candidate": cand_stats[task], "baseline": base_stats.get(task)})
         samples += rows

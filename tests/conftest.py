@@ -28,6 +28,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _code_judge_opt_in():
+    """The code the suite runs is its own (references, and hostile programs written to be caught). On a CI host
+    without mount/network namespaces the judge refuses model code unless the user opts in; the suite opts in
+    there, as a user would, and the kernel-containment tests skip themselves."""
+    from cogumi.evaluate.sandbox import OPT_IN_ENV, isolation
+
+    if not isolation().contained:
+        os.environ.setdefault(OPT_IN_ENV, "1")
+    yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny fp32 Llama in one model.safetensors, with a trained BPE tokenizer and Llama-3 chat template."""

@@ -31,6 +31,10 @@ def test_generation_is_greedy_ordered_and_batch_independent(tiny_model_dir):
     assert 0 < batched.new_tokens <= 6 * len(prompts)
     stats = batched.stats()
     assert stats["prompts"] == 4 and stats["wall_s"] > 0 and stats["tokens_per_s"] > 0
+    long = generate(loaded, prompts, max_new_tokens=64, batch_size=4)
+    # capped: the rows that ran into max_new_tokens; a row that stopped on its own is the same with more room
+    assert set(batched.capped) <= set(range(4)) and set(long.capped) <= set(batched.capped)
+    assert all(long.texts[i] == batched.texts[i] for i in range(4) if i not in batched.capped)
 
 
 def test_stop_ids_come_from_generation_config(tiny_model_dir):
@@ -190,6 +194,10 @@ def test_validate_end_to_end_stamp_follows_the_gates(tmp_path, run_script, tiny_
         ("c1", "loss", True), ("c2", "tie_wrong", False)]
     assert samples[5]["baseline"]["reason"].startswith("failed") and not samples[5]["candidate"]["passed"]
     assert samples[0]["baseline"]["extracted"] == "111111111" and samples[0]["prompt"] == MATH_ROWS[0]["prompt"]
+    # Every verdict can be audited from the row alone: gold (MATH answer, code tests), extracted, rule/reason.
+    assert samples[0]["gold"] == MATH_ROWS[0]["answer"] and samples[4]["gold"] == CODE_ROWS[0]["tests"]
+    assert samples[0]["baseline"]["reason"] == "passed (normalized strings)"
+    assert all(s["candidate"]["judge_error"] is False for s in samples)
     assert "| loss | 2 | 50.0 |" in (validation / "report.md").read_text()
 
     # The origin project's MATH expectation fails on this candidate: exit 1, the earlier stamp is gone.

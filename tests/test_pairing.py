@@ -162,3 +162,19 @@ def test_win_gate_above_what_the_baseline_leaves_is_flagged():
     assert unreachable(tie, summary) is None
     reachable = summarize(["tie_right"] * 40 + ["tie_wrong"] * 60)
     assert unreachable(evaluate_gates({"code": reachable}, {"code": {"win_min": 48.0}})[0], reachable) is None
+
+
+def test_judge_errors_are_left_out_counted_and_gated():
+    from cogumi.evaluate.pairing import JUDGE_ERROR, JUDGE_ERROR_MAX_PCT
+
+    assert outcome(True, False, judge_error=True) == JUDGE_ERROR
+    s = summarize(["win"] * 6 + ["tie_right"] * 90 + ["loss"] * 1 + [JUDGE_ERROR] * 3)
+    assert s["n"] == 97 and s["problems"] == 100 and s["judge_errors"] == 3 and s["judge_error_pct"] == 3.0
+    assert s["counts"]["win"] == 6 and abs(s["pct"]["win"] - 600 / 97) < 1e-9  # percentages of judged pairs only
+    results = evaluate_gates({"math": s}, {"math": {"win_min": 6}})
+    assert [(r.gate, r.passed) for r in results] == [("win_min", True), ("judge_error_max", False)]
+    assert results[1].limit == JUDGE_ERROR_MAX_PCT
+    relaxed = evaluate_gates({"math": s}, check_gates({"math": {"judge_error_max": 5}}, ["math"]))
+    assert [(r.gate, r.passed) for r in relaxed] == [("judge_error_max", True)]
+    clean = evaluate_gates({"math": summarize(["win"] * 10)}, {"math": {"win_min": 6}})
+    assert [r.gate for r in clean] == ["win_min"]  # no judge errors: the gate list is as configured

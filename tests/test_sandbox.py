@@ -18,8 +18,9 @@ import time
 
 import pytest
 
+from cogumi.evaluate.code_judge import extract_program, judge_code, judge_many
 from cogumi.evaluate.records import Problem
-from cogumi.evaluate.sandbox import extract_program, isolation, judge_code, judge_many, run_program
+from cogumi.evaluate.sandbox import isolation, run_program
 from cogumi.evaluate.sources import load_task
 
 MBPP_REFERENCE_FAILURES = 0
@@ -74,7 +75,7 @@ def test_extract_program_humaneval_body_and_full_function(humaneval):
 def test_judge_many_never_raises():
     broken = Problem(task="code", id="broken", prompt="", tests="assert True")
     verdicts = judge_many([(object(), broken), ("def f():\n    return 1\n", broken)], workers=2)  # type: ignore
-    assert verdicts[0].passed is False and "judge error" in verdicts[0].reason
+    assert verdicts[0].passed is False and verdicts[0].judge_error and "judge_error" in verdicts[0].reason
     assert verdicts[1].passed is True
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cogumi.core.errors import UserError
@@ -33,6 +33,9 @@ class Generation:
     texts: list[str]  # in the order of the prompts given
     new_tokens: int  # generated tokens, up to and including each row's stop token
     wall_s: float
+    # Prompts (indices) whose answer ran into max_new_tokens without a stop token: the MATH judge gives these no
+    # last-number fallback (a cut-off repetition loop is not a solution; ISSUES_LOG B12).
+    capped: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -40,7 +43,7 @@ class Generation:
 
     def stats(self) -> dict:
         return {"new_tokens": self.new_tokens, "wall_s": round(self.wall_s, 3),
-                "tokens_per_s": round(self.tokens_per_s, 2), "prompts": len(self.texts)}
+                "tokens_per_s": round(self.tokens_per_s, 2), "prompts": len(self.texts), "capped": sorted(self.capped)}
 
 
 def load_model(name: str | Path, *, device: str = "auto") -> LoadedModel:
@@ -105,6 +108,7 @@ def generate(loaded: LoadedModel, prompts: list[str], *, max_new_tokens: int, ba
     order = sorted(range(len(chats)), key=lambda i: -lengths[i])
     texts: list[str | None] = [None] * len(chats)
     new_tokens = 0
+    capped: list[int] = []
     wall = 0.0
     with tqdm(total=len(chats), desc=desc, unit="prompt") as bar:
         for start in range(0, len(order), batch_size):
@@ -124,10 +128,12 @@ def generate(loaded: LoadedModel, prompts: list[str], *, max_new_tokens: int, ba
             generated = out[:, enc["input_ids"].shape[1]:].tolist()
             for i, ids in zip(rows, generated, strict=True):
                 n = _until_stop(ids, loaded.stop_ids)
+                if n >= max_new_tokens and ids[n - 1] not in loaded.stop_ids:
+                    capped.append(i)
                 new_tokens += n
                 texts[i] = tok.decode(ids[:n], skip_special_tokens=True).strip()
             bar.update(len(rows))
-    return Generation(texts=texts, new_tokens=new_tokens, wall_s=wall)
+    return Generation(texts=texts, new_tokens=new_tokens, wall_s=wall, capped=capped)
 
 
 def _until_stop(ids: list[int], stop_ids: list[int]) -> int:

@@ -9,6 +9,12 @@ discordant pair is a fair coin, so the exact two-sided p-value is a binomial tai
 It is two-sided: a small p says the models differ, not in which direction; read it with win vs loss.
 `regression_p` is the one-sided tail in the candidate's disfavour: a small value says the losses are significantly
 above the wins, the way the origin project's corrupted merge lost to its base (ISSUES_LOG O2).
+
+A problem where either side's verdict is a judge error (the judge could not decide: its worker died or timed
+out, its parser failed) is "judge_error": left out of win/tie/loss and of n, counted apart, and gated by
+judge_error_max (percent of all problems; JUDGE_ERROR_MAX_PCT when a gated task had judge errors and its gates
+do not set it), so a judge
+failure is never read as a wrong answer nor lets a run through unnoticed (ISSUES_LOG B11).
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ from cogumi.core.errors import UserError
 from cogumi.evaluate.tasks import TASKS
 
 OUTCOMES = ("win", "tie_right", "tie_wrong", "loss")
+JUDGE_ERROR = "judge_error"
+JUDGE_ERROR_MAX_PCT = 2.0  # a larger share of undecided problems makes the comparison itself doubtful
 RATE_METRICS = ("win", "tie", "tie_right", "tie_wrong", "loss")  # gated as percentages, 0-100
 # Gate keys: <rate>_min / <rate>_max in percent, p_max on the McNemar p-value, regression_p_min on the one-sided
 # p-value of "losses above wins" (fails only a significant regression), n_min on the problem count (so a quick
-# `--limit` run cannot stamp a model VALIDATED when the config asks for the full set).
+# `--limit` run cannot stamp a model VALIDATED when the config asks for the full set), judge_error_max in percent.
 P_GATES = ("p_max", "regression_p_min")
-GATE_KEYS = tuple(f"{m}_{bound}" for m in RATE_METRICS for bound in ("min", "max")) + P_GATES + ("n_min",)
+GATE_KEYS = tuple(f"{m}_{bound}" for m in RATE_METRICS for bound in ("min", "max")) + P_GATES + ("n_min",
+                                                                                                 "judge_error_max")
 # Percentages are computed as 100 * count / n; allow float noise so 3/50 meets "win_min: 6".
 EPS = 1e-9
 
@@ -40,7 +49,9 @@ class GateResult(NamedTuple):
     passed: bool
 
 
-def outcome(candidate_passed: bool, baseline_passed: bool) -> str:
+def outcome(candidate_passed: bool, baseline_passed: bool, judge_error: bool = False) -> str:
+    if judge_error:
+        return JUDGE_ERROR
     if candidate_passed and baseline_passed:
         return "tie_right"
     if candidate_passed:
@@ -79,10 +90,13 @@ def regression_p(wins: int, losses: int) -> float:
 
 
 def summarize(outcomes: list[str]) -> dict:
-    """Counts, percentages, accuracies and the McNemar p-value of one task's outcomes."""
-    unknown = set(outcomes) - set(OUTCOMES)
+    """Counts, percentages, accuracies and the McNemar p-value of one task's outcomes; judge errors are counted
+    apart (`judge_errors`, `judge_error_pct` of all problems) and left out of n and every other figure."""
+    unknown = set(outcomes) - set(OUTCOMES) - {JUDGE_ERROR}
     if unknown:
         raise ValueError(f"unknown outcomes {sorted(unknown)}")
+    errors = sum(1 for o in outcomes if o == JUDGE_ERROR)
+    outcomes = [o for o in outcomes if o != JUDGE_ERROR]
     counts = Counter(outcomes)
     n = len(outcomes)
     counts = {name: counts.get(name, 0) for name in OUTCOMES}
@@ -99,6 +113,9 @@ def summarize(outcomes: list[str]) -> dict:
         "baseline_accuracy": pct(counts["loss"] + counts["tie_right"]),
         "mcnemar_p": mcnemar_exact(counts["win"], counts["loss"]),
         "regression_p": regression_p(counts["win"], counts["loss"]),
+        "problems": n + errors,
+        "judge_errors": errors,
+        "judge_error_pct": 100.0 * errors / (n + errors) if n + errors else 0.0,
     }
 
 
@@ -129,7 +146,8 @@ def check_gates(gates: dict, tasks: list[str], *, source: str = "validate.gates"
             if key not in GATE_KEYS:
                 raise UserError(f"unknown gate '{key}'", where=where,
                                 fix=f"gates are <win|tie|tie_right|tie_wrong|loss>_<min|max> (percent), p_max, "
-                                    f"regression_p_min, n_min{_did_you_mean(key, GATE_KEYS)}")
+                                    f"regression_p_min, n_min, judge_error_max (percent)"
+                                    f"{_did_you_mean(key, GATE_KEYS)}")
             if isinstance(limit, bool) or not isinstance(limit, int | float):
                 raise UserError(f"gate {task}.{key} must be a number, got {limit!r}", where=where,
                                 fix="write percentages as numbers, e.g. win_min: 6 for 6 %")
@@ -137,7 +155,7 @@ def check_gates(gates: dict, tasks: list[str], *, source: str = "validate.gates"
                 raise UserError(f"{key} must be within 0..1, got {limit}", where=where, fix=f"e.g. {key}: 0.05")
             if key == "n_min" and limit < 0:
                 raise UserError(f"n_min must be a count >= 0, got {limit}", where=where, fix="e.g. n_min: 500")
-            if key not in (*P_GATES, "n_min") and not 0 <= limit <= 100:
+            if key not in (*P_GATES, "n_min") and not 0 <= limit <= 100:  # judge_error_max is a percentage too
                 raise UserError(f"gate {task}.{key} is a percentage (0-100), got {limit}", where=where,
                                 fix="write 6 for 6 %, not 0.06")
             checked[task][key] = float(limit)
@@ -185,13 +203,19 @@ def gate_value(summary: dict, key: str) -> float:
         return summary["regression_p"]
     if key == "n_min":
         return float(summary["n"])
+    if key == "judge_error_max":
+        return summary.get("judge_error_pct", 0.0)
     return summary["pct"][key.rsplit("_", 1)[0]]
 
 
 def evaluate_gates(summary: dict, gates: dict) -> list[GateResult]:
-    """Every gate against the per-task summaries ({task: summarize(...)}); a task not run fails its gates."""
+    """Every gate against the per-task summaries ({task: summarize(...)}); a task not run fails its gates.
+
+    A gated task with judge errors always gets judge_error_max (JUDGE_ERROR_MAX_PCT unless its gates set it)."""
     results = []
     for task, task_gates in gates.items():
+        if summary.get(task, {}).get("judge_errors"):
+            task_gates = {**task_gates, "judge_error_max": task_gates.get("judge_error_max", JUDGE_ERROR_MAX_PCT)}
         for key, limit in task_gates.items():
             if task not in summary:
                 results.append(GateResult(task, key, None, limit, False))

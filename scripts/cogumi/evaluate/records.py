@@ -30,5 +30,8 @@ class Verdict:
     """The result record of judging one output: never an exception across a pool."""
 
     passed: bool
-    reason: str  # "passed", "wrong answer", "no answer", "failed: AssertionError", "timed out", ...
+    reason: str  # "passed (...)", "wrong answer (...)", "no answer", "failed: AssertionError", "judge_error: ..."
     extracted: str | None = None  # the answer or program that was judged
+    # The judge could not decide (its worker died or timed out, its parser failed): not a wrong answer; pairing
+    # leaves the problem out of win/tie/loss and counts it (ISSUES_LOG B11).
+    judge_error: bool = False

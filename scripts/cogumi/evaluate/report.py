@@ -2,9 +2,10 @@
 wtl.png. Also reads a stored samples.jsonl back as a baseline, so an earlier run or an external model's outputs
 stand in for generating a baseline again.
 
-samples.jsonl rows (one per problem):
-  {"task", "id", "prompt", "outcome",
-   "candidate": {"output", "passed", "reason", "extracted"}, "baseline": {...same...}}
+samples.jsonl rows (one per problem), enough to audit every verdict by hand:
+  {"task", "id", "prompt", "gold" (MATH: the gold answer; code: the tests), "outcome" (win, tie_right, tie_wrong,
+   loss, judge_error), "candidate": {"output", "passed", "reason" (the rule that decided, or the judge error's
+   cause), "extracted" (the answer or program judged), "judge_error"}, "baseline": {...same...}}
 As a baseline, a row gives its output from a top-level "output" (an external model's outputs: task, id, output,
 optionally prompt) or else from "candidate" (an earlier validation: that run's candidate is today's baseline).
 """
@@ -103,6 +104,10 @@ def render_markdown(report: dict) -> str:
         reference = report.get("reference", {})
         if task in reference:
             lines += [f"Reference, not a gate ({reference['label']}): {describe_reference(reference[task])}.", ""]
+        if summary.get("judge_errors"):
+            lines += [f"Judge errors: {summary['judge_errors']} of {summary['problems']} problems "
+                      f"({summary['judge_error_pct']:.1f} %), left out of the table above; their causes are in "
+                      "samples.jsonl (outcome judge_error).", ""]
         gates = [g for g in report["gates"] if g["task"] == task]
         if gates:
             lines += ["| gate | value | limit | result |", "|---|---:|---:|---|"]

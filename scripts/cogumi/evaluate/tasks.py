@@ -1,6 +1,7 @@
 """The task registry: what validation can run. A new task is one entry here (its default source and its judge).
 
-A judge takes the task's problems and one model's outputs and returns one Verdict per problem, in order.
+A judge takes the task's problems, one model's outputs and the indices of outputs cut off at max_new_tokens, and
+returns one Verdict per problem, in order (a judge that cannot decide says so: Verdict.judge_error).
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from cogumi.evaluate.records import Problem, Verdict
 JUDGE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def judge_math_outputs(problems: list[Problem], outputs: list[str]) -> list[Verdict]:
+def judge_math_outputs(problems: list[Problem], outputs: list[str], capped: set[int] = frozenset()) -> list[Verdict]:
     from cogumi.evaluate.judge_math import judge_math
 
-    return [judge_math(out, p.answer) for p, out in zip(problems, outputs, strict=True)]
+    return [judge_math(out, p.answer, hit_token_limit=i in capped)
+            for i, (p, out) in enumerate(zip(problems, outputs, strict=True))]
 
 
-def judge_code_outputs(problems: list[Problem], outputs: list[str]) -> list[Verdict]:
-    from cogumi.evaluate.sandbox import judge_many
+def judge_code_outputs(problems: list[Problem], outputs: list[str], capped: set[int] = frozenset()) -> list[Verdict]:
+    from cogumi.evaluate.code_judge import judge_many
 
     return list(judge_many(list(zip(outputs, problems, strict=True)), workers=JUDGE_WORKERS))
 
@@ -31,7 +33,7 @@ def judge_code_outputs(problems: list[Problem], outputs: list[str]) -> list[Verd
 class Task:
     name: str
     default_source: str  # a cogumi.evaluate.sources name, used when validate.data does not name one
-    judge: Callable[[list[Problem], list[str]], list[Verdict]]
+    judge: Callable[[list[Problem], list[str], set[int]], list[Verdict]]
 
 
 TASKS = {

@@ -131,18 +131,24 @@ def run_generation(model_name, problems: dict, config: PhaseConfig, side: str) -
     return outputs, stats
 
 
-def pair_task(task: str, problems: list, cand_out: list[str], base_out: list[str]) -> tuple[dict, list[dict]]:
-    """Judge both sides, then one outcome per problem: the task summary and its sample rows."""
-    cand_v, base_v = TASKS[task].judge(problems, cand_out), TASKS[task].judge(problems, base_out)
+def pair_task(task: str, problems: list, cand_out: list[str], base_out: list[str], *,
+              capped: tuple = ((), ())) -> tuple[dict, list[dict]]:
+    """Judge both sides, then one outcome per problem: the task summary and its sample rows.
+
+    capped: (candidate, baseline) indices of outputs cut off at max_new_tokens (Generation.capped)."""
+    cand_v = TASKS[task].judge(problems, cand_out, set(capped[0] or ()))
+    base_v = TASKS[task].judge(problems, base_out, set(capped[1] or ()))
     rows = []
     for p, co, bo, cv, bv in zip(problems, cand_out, base_out, cand_v, base_v, strict=True):
-        rows.append({"task": task, "id": p.id, "prompt": p.prompt, "outcome": outcome(cv.passed, bv.passed),
+        rows.append({"task": task, "id": p.id, "prompt": p.prompt, "gold": p.answer if task == "math" else p.tests,
+                     "outcome": outcome(cv.passed, bv.passed, cv.judge_error or bv.judge_error),
                      "candidate": _side(co, cv), "baseline": _side(bo, bv)})
     return summarize([r["outcome"] for r in rows]), rows
 
 
 def _side(output: str, verdict) -> dict:
-    return {"output": output, "passed": verdict.passed, "reason": verdict.reason, "extracted": verdict.extracted}
+    return {"output": output, "passed": verdict.passed, "reason": verdict.reason, "extracted": verdict.extracted,
+            "judge_error": verdict.judge_error}
 
 
 def build_report(plan: Plan, config: PhaseConfig, summaries: dict, gate_results: list) -> dict:
@@ -180,7 +186,8 @@ def one_screen(report: dict, gate_results, report_md: Path) -> str:
         pct = s["pct"]
         lines.append(f"  {task:<4} n={s['n']:<4} win {pct['win']:5.1f} %  tie {pct['tie']:5.1f} % "
                      f"(right {pct['tie_right']:.1f}, wrong {pct['tie_wrong']:.1f})  loss {pct['loss']:5.1f} %  "
-                     f"McNemar p={s['mcnemar_p']:.3g}")
+                     f"McNemar p={s['mcnemar_p']:.3g}"
+                     + (f"  judge errors {s['judge_errors']} (left out)" if s.get("judge_errors") else ""))
         if task in report.get("reference", {}):
             lines.append(f"       reference, not a gate ({report['reference']['label']}): "
                          f"{describe_reference(report['reference'][task])}")
