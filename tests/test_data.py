@@ -134,7 +134,8 @@ def test_packing_never_lets_attention_cross_examples(tokenizer, tiny_model_dir):
     for attention in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
         with torch.no_grad(), packed_attention(model, "sdpa_block_mask"):
-            packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        with torch.no_grad():  # each example alone, with the model's own attention
             for b, row in enumerate(rows):
                 at = 0
                 for ex in row:

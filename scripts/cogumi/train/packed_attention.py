@@ -120,9 +120,11 @@ def _packed_forward(kernel: str, cache: dict):
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
                 output_attentions=False, use_cache=False, cache_position=None, position_embeddings=None, **kwargs):
-        if attention_mask is not None or position_ids is None or past_key_value is not None or output_attentions:
-            raise RuntimeError("packed attention takes packed rows only (position_ids, no mask, no cache); got "
-                               f"mask={attention_mask is not None}, position_ids={position_ids is not None}")
+        # The segments come from position_ids alone. A mask, if any, is the plain causal one that eager attention
+        # builds (packed batches carry none) or a right-padding one, which the segments already imply.
+        if position_ids is None or past_key_value is not None or output_attentions:
+            raise RuntimeError("packed attention is for training on packed rows (position_ids, no KV cache, no "
+                               "attention weights): pass use_cache=False")
         bsz, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(bsz, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
