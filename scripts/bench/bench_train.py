@@ -56,8 +56,11 @@ VARIANTS = {
                                note="fast path with Liger's fused linear CE instead of the chunked loss"),
     "fast-peftlora-bs1": dict(FAST, fused_lora=False, dropout=0.0, ckpt=0, micro_batch=1,
                               note="fast path with peft's own LoRA forward (float32 adapter math)"),
-    "fast-auto": dict(FAST, dropout=0.0, ckpt="auto", micro_batch="auto", budget="baseline",
-                      note="fast path, layout from the memory probe within the baseline's peak"),
+    "fast-auto": dict(FAST, dropout=0.0, ckpt="auto", micro_batch="auto", budget="baseline", packed=True,
+                      note="phase defaults (packed-row attention) on full rows, layout from the memory probe within "
+                           "the baseline's peak"),
+    "fast-auto-sdpa": dict(FAST, dropout=0.0, ckpt="auto", micro_batch="auto", budget="baseline",
+                           note="fast path, transformers' sdpa attention (K, V repeated), probe within the baseline"),
     "fast-auto-8192": dict(FAST, dropout=0.0, ckpt="auto", micro_batch="auto", budget="card", seq=8192,
                            max_micro_batch=2, note="fast path at seq 8192, layout from the memory probe (92% of card)"),
     "fast-auto-8192-b": dict(FAST, dropout=0.0, ckpt="auto", micro_batch="auto", budget="baseline", seq=8192,

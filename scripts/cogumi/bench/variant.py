@@ -47,7 +47,9 @@ def _real_length_data(spec: dict, vocab_size: int):
     return items, collate, check, {**describe(mix["lengths"]), "timed_examples": len(examples)}
 
 
-def _full_row_data(spec: dict, vocab_size: int, max_bs: int):
+def _full_row_data(spec: dict, vocab_size: int, max_bs: int, packed: bool):
+    """make_batch(bs): bs rows of seq random tokens; as packed rows of one example each when `packed` (the phase
+    defaults pack, so their attention is the packed kernel on full rows too)."""
     import torch
 
     from cogumi.train.data import BatchCounts
@@ -58,7 +60,10 @@ def _full_row_data(spec: dict, vocab_size: int, max_bs: int):
 
     def make_batch(bs: int) -> tuple[dict, BatchCounts]:
         ids = ids_all[:bs]
-        return {"input_ids": ids, "labels": ids}, BatchCounts(bs * seq, bs * seq, bs * (seq - 1), bs * seq * seq)
+        batch = {"input_ids": ids, "labels": ids}
+        if packed:
+            batch["position_ids"] = torch.arange(seq).expand(bs, seq)
+        return batch, BatchCounts(bs * seq, bs * seq, bs * (seq - 1), bs * seq * seq)
 
     return make_batch
 
@@ -77,7 +82,7 @@ def run_variant(spec: dict) -> dict:
     device = torch.device(spec["device"])
     dtype = torch.bfloat16 if spec["dtype"] == "bfloat16" else torch.float32
     real = spec.get("lengths") == "mix"
-    packed = real and bool(spec.get("packed"))
+    packed = bool(spec.get("packed"))
     cuda = device.type == "cuda"
     with ExitStack() as stack:
         applied = {}
@@ -96,7 +101,7 @@ def run_variant(spec: dict) -> dict:
             items, collate, check_batch, mix_stats = _real_length_data(spec, vocab)
             make_probe = probe_batch(collate, items, vocab, device)
         else:
-            make_full = _full_row_data(spec, vocab, max_bs)
+            make_full = _full_row_data(spec, vocab, max_bs, packed)
             check_batch, mix_stats = make_full(1)[0], None
 
             def make_probe(bs):
