@@ -52,7 +52,7 @@ def run_attention_kernels(spec: dict) -> dict:
     grad_out = torch.randn(bsz, length, heads * dim, generator=gen).to(device)
 
     def run(fn, dtype):
-        q, k, v = (t.to(dtype).requires_grad_() for t in base)
+        q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in base)
         out = fn(q, k, v)
         out.backward(grad_out.to(dtype))
         return out.float(), [t.grad.float() for t in (q, k, v)]

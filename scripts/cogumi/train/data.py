@@ -170,17 +170,29 @@ def encode_rows(tokenizer, rows: list[tuple[str, dict]], max_seq_len: int, stats
 # ---------------------------------------------------------------- packing and collation
 
 
-def pack(examples: list[Example], max_seq_len: int) -> list[list[Example]]:
-    """Greedy, order-preserving: whole examples fill a row until the next one would not fit."""
-    rows, current, used = [], [], 0
+PACK_WINDOW = 64  # rows kept open while packing: enough to fill rows to ~99 % on chat data, linear in the data
+
+
+def pack(examples: list[Example], max_seq_len: int, window: int = PACK_WINDOW) -> list[list[Example]]:
+    """First fit over a window of open rows: each whole example goes into the oldest open row with room for it.
+
+    Plain greedy packing (close a row when the next example does not fit) left 6 % of the real-length mix's rows
+    as padding on the GPU (ISSUES_LOG B8); the window takes it to about 1 %. Deterministic for a given order.
+    """
+    rows: list[list[Example]] = []
+    room: list[int] = []  # free tokens of the open rows, rows[len(rows) - len(room):]
     for ex in examples:
-        if current and used + len(ex.input_ids) > max_seq_len:
-            rows.append(current)
-            current, used = [], 0
-        current.append(ex)
-        used += len(ex.input_ids)
-    if current:
-        rows.append(current)
+        n = len(ex.input_ids)
+        first_open = len(rows) - len(room)
+        slot = next((i for i, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([ex])
+            room.append(max_seq_len - n)
+            if len(room) > window:
+                room.pop(0)
+        else:
+            rows[first_open + slot].append(ex)
+            room[slot] -= n
     return rows
 
 
