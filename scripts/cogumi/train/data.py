@@ -304,14 +304,28 @@ class Batches:
 
     def __next__(self) -> tuple[dict, BatchCounts]:
         """(collated micro-batch, what it holds)."""
+        self._roll_over()
+        chosen = self._micro_batch(self.index * self.world_size + self.rank)
+        self.index += 1
+        return self.collate(chosen), Collator.counts(chosen)
+
+    def next_step(self) -> tuple[list[tuple[dict, BatchCounts]], int]:
+        """This process's grad_accum micro-batches of the next optimizer step, and the trained tokens of the whole
+        step over every process: each rank reads them from the shared order, so no communication is needed."""
+        self._roll_over()  # a step never spans two epochs: batches_per_epoch is a multiple of grad_accum
+        ranks = range(self.world_size)
+        trained = sum(Collator.counts(self._micro_batch((self.index + i) * self.world_size + r)).trained
+                      for i in range(self.grad_accum) for r in ranks)
+        return [next(self) for _ in range(self.grad_accum)], trained
+
+    def _roll_over(self) -> None:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        k = self.index * self.world_size + self.rank
-        picked = self._order[k * self.micro_batch_size:(k + 1) * self.micro_batch_size]
-        self.index += 1
-        chosen = [self.items[i] for i in picked]
-        return self.collate(chosen), Collator.counts(chosen)
+
+    def _micro_batch(self, k: int) -> list:
+        """The items of micro-batch k of this epoch's global order."""
+        return [self.items[i] for i in self._order[k * self.micro_batch_size:(k + 1) * self.micro_batch_size]]
 
     def state_dict(self) -> dict:
         # "consumed" (examples of this epoch taken by all processes together) is what carries over to another

@@ -17,13 +17,15 @@ def train_step(model, batch: dict, loss_scale: float):
     return loss.detach()
 
 
-def token_weights(trained_tokens: Sequence[int]) -> list[float]:
-    """Each micro-batch's share of the step's trained tokens: the step's loss is then the mean over all of them,
-    however the examples are split into micro-batches or packed into rows (not a mean of micro-batch means)."""
-    total = sum(trained_tokens)
+def token_weights(trained_tokens: Sequence[int], step_total: int | None = None, world_size: int = 1) -> list[float]:
+    """Each micro-batch's share of the optimizer step's trained tokens, so the step's loss is the mean over all of
+    them however the examples are split into micro-batches, packed into rows or spread over processes (not a mean of
+    micro-batch means). `step_total`: the trained tokens of the whole step on every process (default: these
+    micro-batches'); DDP averages gradients over processes, hence the factor world_size."""
+    total = sum(trained_tokens) if step_total is None else step_total
     if total <= 0:
         return [1.0 / len(trained_tokens)] * len(trained_tokens)
-    return [n / total for n in trained_tokens]
+    return [world_size * n / total for n in trained_tokens]
 
 
 def accumulate(model, micro_batches: Iterable[dict], weights: Sequence[float], no_sync: Callable = nullcontext):

@@ -318,8 +318,8 @@ class Trainer:
         step's trained tokens, so the loss is the token mean of the whole effective batch, packed or not.
         """
         device = self.runtime.device
-        taken = [next(self.batches) for _ in range(self.layout.grad_accum)]
-        weights = token_weights([counts.trained for _, counts in taken])
+        taken, step_trained = self.batches.next_step()
+        weights = token_weights([counts.trained for _, counts in taken], step_trained, self.layout.world_size)
         micro_batches = ({k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch, _ in taken)
         # no .item() anywhere here: the GPU never waits for the host (packed attention reads its segment bounds
         # from the host copy of position_ids, once per forward)
