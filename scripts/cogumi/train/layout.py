@@ -102,8 +102,8 @@ def _probe(config: PhaseConfig, model, runtime, per_process: int, encoded, saved
     t = config.train
     candidates = [m for m in range(min(t.micro_batch_size, per_process), 0, -1) if per_process % m == 0]
     if saved and saved.get("micro_batch_size") in candidates:
-        # A resumed run keeps its micro-batch: the loss is a token mean per micro-batch, so another size would
-        # weight the examples differently from the interrupted run.
+        # A resumed run keeps its micro-batch: the saved data position counts micro-batches, and the same split
+        # keeps the resumed steps bit-for-bit those of the interrupted run.
         candidates = [saved["micro_batch_size"]]
     card = torch.cuda.get_device_properties(runtime.device).total_memory
     budget = int(t.memory_budget_gib * 2**30) if t.memory_budget_gib else int(BUDGET_OF_CARD * card)
