@@ -12,6 +12,7 @@ import torch
 from cogumi.train.data import Collator, Example, pack
 from cogumi.train.layout import probe_batch, probe_shape
 from cogumi.train.packed_attention import (
+    batch_to_device,
     block_causal_mask,
     choose_kernel,
     packed_attention,
@@ -103,6 +104,8 @@ def test_segment_bounds_and_mask_from_positions():
     batch = collate([_examples([3, 4]), _examples([5])])  # row 2: 5 tokens + 2 of padding (its own segment)
     cu, longest = segment_bounds(batch["position_ids"])
     assert cu.tolist() == [0, 3, 7, 12, 14] and longest == 5 and cu.dtype == torch.int32
+    moved = batch_to_device(batch, torch.device("cpu"))  # the bounds ride along, computed from the host copy
+    assert moved["position_ids"]._cogumi_segment_bounds[0].tolist() == cu.tolist()
     mask = block_causal_mask(batch["position_ids"])
     assert mask.shape == (2, 1, 7, 7)
     assert mask[0, 0, 4, 3] and not mask[0, 0, 3, 4] and not mask[0, 0, 3, 2]  # causal, and blind to example 1

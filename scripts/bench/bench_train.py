@@ -202,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=None, help="default | explore | cpu | name,name,...")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="memory budget of the probed variants when the full-row baseline is not in the set")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling and the kernel comparison")
     parser.add_argument("--real-examples", type=int, default=None,
                         help="examples of the real-length mix each *-real variant trains on (8B: 160, tiny: 24)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per variant")
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ceiling = None
     real_seq = args.seq or config.data.max_seq_len
-    if device == "cuda":
+    if device == "cuda" and not args.no_ceiling:
         ceiling = _spawn("ceiling", dict(common, name="ceiling"), args.timeout)
         record(ceiling)
         if any(VARIANTS[n].get("packed") for n in names):  # which packed attention kernel, measured here
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         if spec.get("budget") == "baseline":
             if baseline and baseline.get("peak_gib"):
                 spec["budget_bytes"] = int(baseline["peak_gib"] * GIB)
+            elif args.budget_gib:
+                spec["budget_bytes"] = int(args.budget_gib * GIB)
             else:
                 spec["budget_bytes"] = int(1e15)  # CPU, or no baseline: no limit to fit under
         elif spec.get("budget") == "card":

@@ -75,7 +75,7 @@ def run_variant(spec: dict) -> dict:
     from cogumi.train.fastpath import fast_path
     from cogumi.train.flops import matmul_sizes, peak_tflops
     from cogumi.train.layout import probe_batch
-    from cogumi.train.packed_attention import choose_kernel, packed_attention
+    from cogumi.train.packed_attention import batch_to_device, choose_kernel, packed_attention
     from cogumi.train.probe import probe_layout, set_checkpointing
     from cogumi.train.step import train_step
 
@@ -105,7 +105,7 @@ def run_variant(spec: dict) -> dict:
             check_batch, mix_stats = make_full(1)[0], None
 
             def make_probe(bs):
-                return {k: v.to(device) for k, v in make_full(bs)[0].items()}
+                return batch_to_device(make_full(bs)[0], device)
 
         layout = None
         if spec["ckpt"] == "auto":
@@ -124,7 +124,7 @@ def run_variant(spec: dict) -> dict:
         # Loss/gradient check on one shared batch, dropout off so every variant computes one function.
         saved = set_dropout(model, 0.0)
         model.zero_grad(set_to_none=True)
-        check = {"loss": float(train_step(model, {k: v.to(device) for k, v in check_batch.items()}, 1.0)),
+        check = {"loss": float(train_step(model, batch_to_device(check_batch, device), 1.0)),
                  **lora_grad_summary(model)}
         restore_dropout(model, saved)
         model.zero_grad(set_to_none=True)
@@ -136,13 +136,13 @@ def run_variant(spec: dict) -> dict:
             warm, timed = batches[:spec["warmup"]], batches
         else:
             warm, timed = [make_full(micro_batch)] * spec["warmup"], [make_full(micro_batch)] * spec["steps"]
-        timed = [({k: v.to(device) for k, v in b.items()}, c) for b, c in timed]
+        timed = [(batch_to_device(b, device), c) for b, c in timed]
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         for batch, _ in warm:
-            train_step(model, {k: v.to(device) for k, v in batch.items()}, 1.0)
+            train_step(model, batch_to_device(batch, device), 1.0)
             model.zero_grad(set_to_none=True)
         step_s, total_s, losses = _timed_steps(model, [b for b, _ in timed], cuda, train_step)
         peak = torch.cuda.max_memory_allocated() if cuda else None

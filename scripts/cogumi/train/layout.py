@@ -21,7 +21,7 @@ from cogumi.core.config import PhaseConfig
 from cogumi.core.errors import UserError
 from cogumi.train import distributed
 from cogumi.train.data import Example
-from cogumi.train.packed_attention import require_packed_attention
+from cogumi.train.packed_attention import batch_to_device, require_packed_attention
 from cogumi.train.probe import num_layers, probe_layout, set_checkpointing
 from cogumi.train.step import train_step
 
@@ -145,6 +145,6 @@ def probe_batch(collate, items: list, vocab_size: int, device: torch.device):
     item = row if collate.packed else row[0]
 
     def make(bs: int) -> dict:
-        return {k: v.to(device) for k, v in collate([item] * bs).items()}
+        return batch_to_device(collate([item] * bs), device)
 
     return make

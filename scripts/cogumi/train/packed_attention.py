@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("flash_attn_varlen", "aten_flash_varlen", "sdpa_block_mask")
 _MARK = "_cogumi_packed_kernel"
+_BOUNDS = "_cogumi_segment_bounds"
 
 
 def choose_kernel(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
@@ -60,15 +61,27 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, requested: str = "au
 def segment_bounds(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(cumulative sequence lengths as int32 on the device, longest segment) of a (batch, L) position_ids.
 
-    A segment starts where the position is 0 and at the start of every row. One copy to the host per forward.
+    A segment starts where the position is 0 and at the start of every row. Reads a device tensor back to the host
+    (a sync): batch_to_device computes them from the host copy instead.
     """
-    positions = position_ids.detach().to("cpu", non_blocking=False).reshape(position_ids.shape[0], -1)
+    positions = position_ids.detach().to("cpu").reshape(position_ids.shape[0], -1)
     starts = positions == 0
     starts[:, 0] = True
     flat = starts.reshape(-1).nonzero().reshape(-1)
     cu = torch.cat([flat, torch.tensor([starts.numel()])]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     return cu.to(position_ids.device), longest
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device`; packed rows' segment bounds are computed from the host copy of position_ids
+    and ride along on the device tensor, so the attention never waits for the GPU to read them back (a read-back per
+    forward drained the launch queue and cost ~10 % of the packed throughput on the H200, docs/PERFORMANCE.md)."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if "position_ids" in batch:
+        cu, longest = segment_bounds(batch["position_ids"])
+        setattr(moved["position_ids"], _BOUNDS, (cu.to(device, non_blocking=True), longest))
+    return moved
 
 
 def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -97,7 +110,8 @@ def attend(kernel: str, q, k, v, position_ids, cache: dict | None = None):
         return out.transpose(1, 2).reshape(bsz, length, heads * dim)
     cache = {} if cache is None else cache
     if cache.get("key") is not position_ids:
-        cache.update(key=position_ids, bounds=segment_bounds(position_ids))
+        bounds = getattr(position_ids, _BOUNDS, None)  # set by batch_to_device: no read back from the GPU
+        cache.update(key=position_ids, bounds=bounds or segment_bounds(position_ids))
     cu, longest = cache["bounds"]
 
     def flat(t, n):  # (B, n, L, D) -> (B * L, n, D): the varlen kernels' layout

@@ -35,7 +35,7 @@ from cogumi.train.data import BatchCounts, Batches
 from cogumi.train.flops import matmul_sizes, peak_tflops
 from cogumi.train.layout import Layout, write_layout
 from cogumi.train.model import Runtime, trainable_parameters
-from cogumi.train.packed_attention import require_packed_attention
+from cogumi.train.packed_attention import batch_to_device, require_packed_attention
 from cogumi.train.step import accumulate, token_weights
 from cogumi.train.trainlog import TRAIN_LOG, append_row, truncate_log
 
@@ -320,9 +320,8 @@ class Trainer:
         device = self.runtime.device
         taken, step_trained = self.batches.next_step()
         weights = token_weights([counts.trained for _, counts in taken], step_trained, self.layout.world_size)
-        micro_batches = ({k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch, _ in taken)
-        # no .item() anywhere here: the GPU never waits for the host (packed attention reads its segment bounds
-        # from the host copy of position_ids, once per forward)
+        micro_batches = (batch_to_device(batch, device) for batch, _ in taken)
+        # no .item() anywhere here: the GPU never waits for the host (packed rows' segment bounds come from the host)
         loss = accumulate(self.engine, micro_batches, weights, self.no_sync)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
