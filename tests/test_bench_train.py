@@ -301,3 +301,21 @@ def _loss_and_grads_keep(model, batch):
 
     model.zero_grad(set_to_none=True)
     return float(train_step(model, batch, 1.0)), None
+
+
+def test_fast_path_patches_are_undone_after_their_block():
+    """The caller that wants the fast path applies it visibly for a block; the classes are plain again after it,
+    also when the block fails (resolve_runtime used to patch them process-wide and leave them patched)."""
+    from peft.tuners.lora import layer as lora_layer
+    from transformers.models.llama import modeling_llama
+
+    from cogumi.train.fastpath import fast_path
+
+    plain = (lora_layer.Linear.forward, modeling_llama.LlamaForCausalLM.forward)
+    with fast_path("off", "cpu") as applied:
+        assert applied["fused_lora"] and applied["chunked_loss"]
+        assert lora_layer.Linear.forward is not plain[0] and modeling_llama.LlamaForCausalLM.forward is not plain[1]
+    assert (lora_layer.Linear.forward, modeling_llama.LlamaForCausalLM.forward) == plain
+    with pytest.raises(KeyError), fast_path("off", "cpu"):
+        raise KeyError("a failure inside the block")
+    assert (lora_layer.Linear.forward, modeling_llama.LlamaForCausalLM.forward) == plain

@@ -7,8 +7,9 @@ so packed runs swap in this module's attention on the model's own layers, visibl
     with packed_attention(model, kernel):   # kernel from choose_kernel(device, dtype)
         ...train...
 
-The segment boundaries (cumulative sequence lengths) come from the position_ids once per forward, cached for the
-32 layers and for the recompute of checkpointed layers. Kernels, fastest first (docs/PERFORMANCE.md, "Packed rows"):
+The segment boundaries (cumulative sequence lengths) come from the host copy of position_ids (`batch_to_device`),
+shared by every layer and by the recompute of checkpointed layers. Kernels, fastest first (docs/PERFORMANCE.md,
+"Real lengths: packed rows against padded micro-batches", where they are measured against each other):
 
 - flash_attn_varlen: flash-attn's `flash_attn_varlen_func` when flash_attn imports (GPU hosts after `make setup`).
 - aten_flash_varlen: the flash-attention kernel PyTorch itself ships, `torch.ops.aten._flash_attention_forward`
@@ -53,7 +54,7 @@ def choose_kernel(device: torch.device, dtype: torch.dtype, requested: str = "au
         return next(k for k in KERNELS if k in usable)
     if requested not in usable:
         raise UserError(f"packed attention kernel '{requested}' cannot run on {device.type} in "
-                        f"{str(dtype).replace('torch.', '')}", where="train.packed_attention",
+                        f"{str(dtype).replace('torch.', '')}", where="packed attention kernel",
                         fix=f"use auto, or one of {sorted(usable)}")
     return requested
 
