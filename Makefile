@@ -23,7 +23,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench-train bench-ddp bench-merge bench-quantize gpu-wheels test test-fast lint bundle quantize
+.PHONY: help setup lock check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-quantize gpu-wheels test test-fast lint bundle quantize
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -69,8 +69,11 @@ quantize: ## after merge: a bitsandbytes QUANT=nf4|int8 copy of PHASE's merged m
 monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json" for one reading (exit 0/10/20/30)
 	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/$(RUN_NAME) $(ARGS)
 
-bench-train: ## GPU training-step benchmark: fast path vs plain transformers+peft, same process
+bench-train: ## GPU training-step benchmark: plain transformers+peft vs phase defaults, full rows AND real lengths
 	$(PY) scripts/bench/bench_train.py --phase $(PHASE) $(ARGS)
+
+length-mix: ## regenerate data/bench/length_mix.json (bench-train's real lengths); needs the wheels its header names
+	$(PY) scripts/bench/make_length_mix.py $(ARGS)
 
 BUNDLE ?= dist/cogumi-llm.tar.gz
 BUNDLE_FILES := Makefile README.md ISSUES_LOG.md pyproject.toml .gitignore .ci requirements scripts configs data docs \

@@ -15,6 +15,7 @@ under torchrun a failed rank makes torchrun exit 1 (the rank's own message and c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from contextlib import nullcontext
@@ -25,10 +26,13 @@ from cogumi.core.tracking import track_phase
 from cogumi.train import distributed
 from cogumi.train.data import encode_data, read_data
 from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
+from cogumi.train.fastpath import fast_path
 from cogumi.train.layout import choose_layout, read_saved_layout
 from cogumi.train.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
+from cogumi.train.outputs import export_adapter, finished_adapter, summary
+from cogumi.train.packed_attention import packed_attention
 from cogumi.train.plots import plot_loss
-from cogumi.train.trainer import Trainer, export_adapter, finished_adapter, make_plan, prepare_run_dir, summary
+from cogumi.train.trainer import Trainer, make_plan, prepare_run_dir
 from cogumi.train.trainlog import TRAIN_LOG
 
 log = logging.getLogger("train")
@@ -50,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     force, fresh = env_flag("FORCE", "0"), not env_flag("RESUME", "1")
     config = load_config(phase_config_path(args.phase), args.overrides)
     runtime = resolve_runtime(config.train, packing=config.data.packing)
-    with distributed.session(runtime):  # torchrun (GPUS=N): one process per GPU; nothing to join with one
-        return train(config, runtime, args.phase, force=force, fresh=fresh)
+    # Fused kernels patch model classes, so they go on before any model is built, and come off at the end.
+    with distributed.session(runtime), fast_path(config.train.liger, runtime.device.type) as applied:
+        return train(config, dataclasses.replace(runtime, fast_path=applied), args.phase, force=force, fresh=fresh)
 
 
 def train(config, runtime, phase: str, *, force: bool, fresh: bool) -> int:
@@ -63,9 +68,9 @@ def train(config, runtime, phase: str, *, force: bool, fresh: bool) -> int:
     resume_from = distributed.on_main(prepare_run_dir, config, fresh=fresh)
     distributed.on_main(save_resolved, config, config.run_dir / "config.resolved.yaml")
     tokenizer = build_tokenizer(base)
-    encoded = encode_data(config.data, rows, tokenizer, seed=config.train.seed, mask_dtype=runtime.dtype)
+    encoded = encode_data(config.data, rows, tokenizer, seed=config.train.seed)
     # The step count depends on the data size and the effective batch only, so it is known before the model loads.
-    plan = make_plan(config, len(encoded.items))
+    plan = make_plan(config, len(encoded.items), encoded.stats.tokens)
     log.info("%s", plan.describe())
     if resume_from is not None and (done := finished_adapter(config, plan.total_steps)):
         log.info("this run already finished (%d steps, final loss %s): %s; RESUME=0 trains again",
@@ -73,10 +78,15 @@ def train(config, runtime, phase: str, *, force: bool, fresh: bool) -> int:
         return EXIT_OK
 
     model = build_model(config, base, runtime)
+    # Packed rows: the model's attention layers take per-example segments (undone when training ends).
+    with packed_attention(model, runtime.packed_kernel) if runtime.packed_kernel else nullcontext():
+        return fit(config, model, base, runtime, encoded, plan, resume_from, force=force)
+
+
+def fit(config, model, base, runtime, encoded, plan, resume_from, *, force: bool) -> int:
     # The layout (micro-batch, accumulation, checkpointed layers) may come from a memory probe of the model, and
     # the batch stream needs it: model, then layout, then batches.
-    layout = choose_layout(config, model, runtime, plan.effective_batch, encoded.collate,
-                           saved=read_saved_layout(resume_from))
+    layout = choose_layout(config, model, runtime, plan.effective_batch, encoded, saved=read_saved_layout(resume_from))
     log.info("%s", layout.describe())
     batches = encoded.batches(layout.micro_batch_size, rank=runtime.rank, world_size=runtime.world_size,
                               grad_accum=layout.grad_accum)

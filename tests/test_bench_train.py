@@ -18,16 +18,15 @@ def fast_path():
     """Apply the CPU fast path in this process and undo it afterwards, so other tests see plain classes."""
     from cogumi.train import fastpath
 
-    applied = fastpath.apply_fast_path("off", "cpu")
-    yield applied
-    fastpath.remove_fast_path()
+    with fastpath.fast_path("off", "cpu") as applied:
+        yield applied
 
 
 def _tiny_lora(dropout: float = 0.0, seed: int = 0):
-    import bench_train
+    from cogumi.bench.models import add_lora, build_model
 
-    model = bench_train.build_model("tiny", torch.device("cpu"), torch.float32, seed=seed)
-    return bench_train.add_lora(model, r=4, alpha=8, dropout=dropout, target_modules="all-linear")
+    model = build_model("tiny", torch.device("cpu"), torch.float32, seed=seed)
+    return add_lora(model, r=4, alpha=8, dropout=dropout, target_modules="all-linear")
 
 
 def _loss_and_grads(model, batch):
@@ -69,6 +68,24 @@ def test_bench_tiny_cpu_subprocess(run_script, tmp_path):
     assert fast["agreement"]["ok"], fast["agreement"]
     assert fast["agreement"]["loss_rel_diff"] < 1e-5
     assert "speedup_vs_baseline" in fast
+
+
+@pytest.mark.slow
+def test_bench_real_lengths_cpu_subprocess(run_script, tmp_path):
+    """The real-length mode: padded baseline vs packed phase defaults on the shipped length mix, side by side."""
+    proc = run_script("bench/bench_train.py", "--shape", "tiny", "--device", "cpu", "--seq", "1024", "--variants",
+                      "baseline-real,fast-real", "--real-examples", "12", "--warmup", "1", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "real-length mix: 6819 conversations, mean 289.5, median 209, p90 624" in proc.stdout
+    (out,) = tmp_path.glob("bench_train-*.jsonl")
+    rows = {r["variant"]: r for r in map(json.loads, out.read_text().splitlines())}
+    base, fast = rows["baseline-real"], rows["fast-real"]
+    assert base["lengths"] == fast["lengths"] == "real mix" and fast["packed"] and not base["packed"]
+    assert fast["attention"] == "packed rows: sdpa_block_mask" and base["attention"] == "sdpa"
+    assert base["real_tokens"] == fast["real_tokens"] > 0  # the same examples, counted without padding
+    assert 0 < base["padding"] and fast["padding"] < base["padding"]
+    # the same examples padded and packed: the same loss and LoRA gradient (token mean over the same tokens)
+    assert fast["agreement"]["ok"] and fast["agreement"]["loss_rel_diff"] < 1e-5, fast["agreement"]
 
 
 def test_fast_path_same_loss_and_grads_as_plain(fast_path):
@@ -147,7 +164,7 @@ def test_fused_lora_not_used_with_dropout(fast_path):
 
 
 def test_selective_checkpointing_same_gradients(fast_path):
-    from cogumi.train.fastpath import set_checkpointing
+    from cogumi.train.probe import set_checkpointing
 
     batch = _batch()
     model = _tiny_lora()
@@ -164,12 +181,12 @@ def test_selective_checkpointing_same_gradients(fast_path):
 
 def test_probe_layout_picks_fastest_fit(monkeypatch):
     """The memory probe with a simulated allocator: the fewest checkpointed layers that fit, fastest micro-batch."""
-    from cogumi.train import fastpath
+    from cogumi.train import probe
 
     model = _tiny_lora()
-    n = fastpath.num_layers(model)  # 4
+    n = probe.num_layers(model)  # 4
     state = {"layers": 0, "bs": 0, "peak": 0}
-    real_set = fastpath.set_checkpointing
+    real_set = probe.set_checkpointing
 
     def fake_set(m, layers):
         state["layers"] = layers
@@ -194,7 +211,7 @@ def test_probe_layout_picks_fastest_fit(monkeypatch):
         def elapsed_time(self, other):
             return other.t * 1000 * 2
 
-    monkeypatch.setattr(fastpath, "set_checkpointing", fake_set)
+    monkeypatch.setattr(probe, "set_checkpointing", fake_set)
     for name in ("empty_cache", "reset_peak_memory_stats", "synchronize"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: int(state["peak"]))
@@ -203,7 +220,7 @@ def test_probe_layout_picks_fastest_fit(monkeypatch):
     def make_batch(bs):
         return {"input_ids": torch.zeros(bs, 8, dtype=torch.long)}
 
-    layout = fastpath.probe_layout(model, make_batch, fake_step, budget_bytes=25 * 2**30, micro_batches=(4, 2, 1))
+    layout = probe.probe_layout(model, make_batch, fake_step, budget_bytes=25 * 2**30, micro_batches=(4, 2, 1))
     rows = {r["micro_batch"]: r for r in layout["tried"]}
     for bs, row in rows.items():
         if row.get("fits"):
@@ -219,9 +236,8 @@ def test_probe_layout_picks_fastest_fit(monkeypatch):
 
 def test_useful_flops_for_llama_8b():
     """The documented count for the 8B shape at seq 2048: 4N + LoRA + causal attention ~ 31.9 GFLOP/token."""
-    from bench_train import SHAPES
-
-    from cogumi.train.fastpath import useful_flops_per_token
+    from cogumi.bench.models import SHAPES
+    from cogumi.train.flops import useful_flops_per_token
 
     s = SHAPES["8b"]
     h, i, layers, v = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
@@ -275,10 +291,10 @@ def test_lm_head_as_lora_target_is_trained_by_the_fast_path(fast_path):
 
 
 def bench_lora(targets):
-    import bench_train
+    from cogumi.bench.models import add_lora, build_model
 
-    model = bench_train.build_model("tiny", torch.device("cpu"), torch.float32, seed=0)
-    return bench_train.add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=targets)
+    model = build_model("tiny", torch.device("cpu"), torch.float32, seed=0)
+    return add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=targets)
 
 
 def _loss_and_grads_keep(model, batch):
@@ -286,3 +302,21 @@ def _loss_and_grads_keep(model, batch):
 
     model.zero_grad(set_to_none=True)
     return float(train_step(model, batch, 1.0)), None
+
+
+def test_fast_path_patches_are_undone_after_their_block():
+    """The caller that wants the fast path applies it visibly for a block; the classes are plain again after it,
+    also when the block fails (resolve_runtime used to patch them process-wide and leave them patched)."""
+    from peft.tuners.lora import layer as lora_layer
+    from transformers.models.llama import modeling_llama
+
+    from cogumi.train.fastpath import fast_path
+
+    plain = (lora_layer.Linear.forward, modeling_llama.LlamaForCausalLM.forward)
+    with fast_path("off", "cpu") as applied:
+        assert applied["fused_lora"] and applied["chunked_loss"]
+        assert lora_layer.Linear.forward is not plain[0] and modeling_llama.LlamaForCausalLM.forward is not plain[1]
+    assert (lora_layer.Linear.forward, modeling_llama.LlamaForCausalLM.forward) == plain
+    with pytest.raises(KeyError), fast_path("off", "cpu"):
+        raise KeyError("a failure inside the block")
+    assert (lora_layer.Linear.forward, modeling_llama.LlamaForCausalLM.forward) == plain

@@ -20,6 +20,7 @@ from cogumi.train.data import (
     read_data,
     read_rows,
 )
+from cogumi.train.packed_attention import packed_attention, require_packed_attention
 
 MULTI_TURN = {"messages": [
     {"role": "system", "content": "You are terse."},
@@ -127,12 +128,14 @@ def test_packing_never_lets_attention_cross_examples(tokenizer, tiny_model_dir):
     examples = _examples(tokenizer, 6)
     rows = pack(examples, 128)
     assert len(rows) < len(examples) and all(sum(len(e.input_ids) for e in r) <= 128 for r in rows)
-    assert [e for r in rows for e in r] == examples  # order kept, nothing lost or split
+    assert sorted(id(e) for r in rows for e in r) == sorted(map(id, examples))  # nothing lost, split or doubled
     batch = Collator(pad_id=tokenizer.pad_token_id, packed=True)(rows)
+    assert "attention_mask" not in batch  # no L x L mask leaves the CPU: the packed attention builds what it needs
     for attention in ("sdpa", "eager"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention).eval()
-        with torch.no_grad():
-            packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        with torch.no_grad(), packed_attention(model, "sdpa_block_mask"):
+            packed = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        with torch.no_grad():  # each example alone, with the model's own attention
             for b, row in enumerate(rows):
                 at = 0
                 for ex in row:
@@ -142,6 +145,9 @@ def test_packing_never_lets_attention_cross_examples(tokenizer, tiny_model_dir):
     # Labels keep -100 on padding and on every non-assistant token of the packed row.
     assert (batch["labels"] != IGNORE_INDEX).sum() == sum(
         sum(label != IGNORE_INDEX for label in ex.labels) for ex in examples)
+    # Without the packed attention the same batch would attend across examples: the trainer refuses it.
+    with pytest.raises(RuntimeError, match="attend across"):
+        require_packed_attention(model)
 
 
 def test_unpacked_batches_pad_right_with_masked_labels(tokenizer):
@@ -186,8 +192,8 @@ def test_ranks_take_disjoint_micro_batches(tokenizer):
 def test_build_data_reports_and_packs(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", [MULTI_TURN] * 4 + [{"prompt": "a", "response": "b"}] * 4)
     cfg = DataConfig(train_path=str(path), max_seq_len=512, packing=True)
-    batches, stats = build_data(cfg, read_data(cfg), tokenizer, micro_batch_size=2, seed=0, mask_dtype=torch.float32)
+    batches, stats = build_data(cfg, read_data(cfg), tokenizer, micro_batch_size=2, seed=0)
     assert stats.rows == 8 and stats.packed_rows is not None and stats.packed_rows < 8
-    batch, tokens = next(batches)
-    assert set(batch) == {"input_ids", "labels", "position_ids", "attention_mask"}
-    assert batch["attention_mask"].dim() == 4 and tokens > 0
+    batch, counts = next(batches)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert 0 < counts.trained < counts.tokens <= counts.slots == batch["input_ids"].numel()

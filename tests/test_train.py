@@ -42,7 +42,7 @@ def test_short_run_lowers_loss_and_writes_every_output(tmp_path, tiny_base, memo
     losses = [row["loss"] for row in read_log(out / "train_log.jsonl")]
     assert losses[-1] < 0.2 * losses[0], losses
     row = read_log(out / "train_log.jsonl")[-1]
-    assert set(row) == {"step", "loss", "lr", "tokens_per_s", "peak_mem_gib"} and row["step"] == 16
+    assert set(row) == {"step", "loss", "lr", "tokens_per_s", "mfu", "padding", "peak_mem_gib"} and row["step"] == 16
     assert [step for step, _ in list_complete(out)] == [15, 16]
     assert (out / "adapter" / "adapter_config.json").is_file() and (out / "loss.png").stat().st_size > 1000
     assert load_config(out / "config.resolved.yaml").train.max_steps == 16

@@ -26,7 +26,7 @@ class DataConfig:
     train_path: str = "data/train.jsonl"  # local JSONL, or a datasets hub id when online
     hub_split: str = "train"
     max_seq_len: int = 2048
-    packing: bool = False  # concatenate examples into full rows; attention never crosses examples
+    packing: bool = True  # whole examples fill rows of max_seq_len; attention never crosses examples (exact)
     shuffle_seed: int = 0
 
 

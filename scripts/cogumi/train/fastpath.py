@@ -1,4 +1,7 @@
-"""The fast training path: fused kernels and related switches, applied before the model loads.
+"""The fast training path: fused kernels patched into model classes by the caller that wants them, then undone.
+
+    with fast_path(train.liger, device.type) as applied:   # before the model is built: Liger patches classes
+        ...build the model, train...
 
 What it changes, each piece measured in docs/PERFORMANCE.md ("Training speed on the GPU"):
 
@@ -15,15 +18,16 @@ What it changes, each piece measured in docs/PERFORMANCE.md ("Training speed on 
   Chunks of ~512 rows keep the LM-head products large enough to run at the matmul rate (Liger 0.3.1's fused
   version uses 64-row chunks for a 128k vocabulary: the 1 GB head weight is re-read 32 times per 2k tokens).
   When lm_head is not a plain nn.Linear (a LoRA target, modules_to_save) the original forward runs instead.
-- Selective activation checkpointing (`set_checkpointing(model, layers)`), and a memory probe that picks the
-  micro-batch and checkpointing layout that fits a budget (`probe_layout`).
+
+Checkpointing and the memory probe live in cogumi.train.probe, the FLOP count in cogumi.train.flops, attention for
+packed rows in cogumi.train.packed_attention.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,16 @@ def remove_fast_path() -> None:
         cls = modeling_llama.LlamaForCausalLM
         cls.forward = cls.forward.__wrapped__
         _STATE["chunked_loss"] = False
+
+
+@contextmanager
+def fast_path(liger: str, device_type: str, **switches) -> Iterator[dict]:
+    """apply_fast_path for the block, remove_fast_path after it (also on an error); yields what was applied."""
+    applied = apply_fast_path(liger, device_type, **switches)
+    try:
+        yield applied
+    finally:
+        remove_fast_path()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -322,177 +336,3 @@ def _patch_causal_lm_loss() -> None:
     forward.__wrapped__ = original
     cls.forward = forward
     _STATE["chunked_loss"] = True
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Activation checkpointing and the memory probe
-
-
-def _decoder(model):
-    """The module that holds `.layers` and `.gradient_checkpointing` (LlamaModel under peft/CausalLM wrappers)."""
-    seen = model
-    for _ in range(6):
-        if hasattr(seen, "layers") and hasattr(seen, "gradient_checkpointing"):
-            return seen
-        for attr in ("base_model", "model"):
-            nxt = getattr(seen, attr, None)
-            if nxt is not None and nxt is not seen:
-                seen = nxt
-                break
-        else:
-            break
-    raise TypeError(f"no decoder with .layers found in {type(model).__name__}")
-
-
-def set_checkpointing(model, layers: int) -> list[int]:
-    """Activation checkpointing on `layers` decoder layers spread evenly (0: none, all: every layer).
-
-    Non-reentrant torch checkpointing, so inputs need no requires_grad and custom autograd functions recompute.
-    Returns the indices of the checkpointed layers. Each checkpointed layer keeps only its input for backward and
-    runs its forward twice, so the recompute costs about 1/3 of that layer's step time.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    decoder = _decoder(model)
-    n_layers = len(decoder.layers)
-    layers = max(0, min(int(layers), n_layers))
-    if hasattr(getattr(model, "config", None), "use_cache"):
-        model.config.use_cache = False
-    if layers == 0:
-        decoder.gradient_checkpointing = False
-        return []
-    chosen = sorted({int((i + 0.5) * n_layers / layers) for i in range(layers)})
-    ids = {id(decoder.layers[i]) for i in chosen}
-
-    def checkpoint_some(fn, *args, **kwargs):
-        if id(getattr(fn, "__self__", None)) in ids:
-            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-        return fn(*args, **kwargs)
-
-    decoder.gradient_checkpointing = True
-    decoder._gradient_checkpointing_func = checkpoint_some
-    return chosen
-
-
-def num_layers(model) -> int:
-    return len(_decoder(model).layers)
-
-
-def _one_step(model, batch, step) -> int | None:
-    """Peak allocated bytes of one step from a clean state; None on out-of-memory."""
-    import torch
-
-    model.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    try:
-        step(model, batch, 1.0)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    except torch.cuda.OutOfMemoryError:
-        peak = None
-    model.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.empty_cache()
-    return peak
-
-
-def probe_layout(model, make_batch: Callable[[int], dict], step: Callable, budget_bytes: int,
-                 micro_batches: Iterable[int] = (4, 3, 2, 1), time_steps: int = 2, margin: float = 0.02) -> dict:
-    """Pick the micro-batch and the number of checkpointed layers that train fastest within `budget_bytes`.
-
-    For each micro-batch: one step with every layer checkpointed and one with half gives the memory each
-    un-checkpointed layer adds; the fewest checkpointed layers that fit the budget (less `margin`) is then run to
-    confirm its peak, and timed over `time_steps` steps. The fastest confirmed layout wins; the model is left set
-    to it with gradients cleared. A CUDA device is required (memory is read from the caching allocator).
-    """
-    import torch
-
-    n = num_layers(model)
-    limit = budget_bytes * (1 - margin)
-    tried = []
-    best = None
-    for bs in micro_batches:
-        batch = make_batch(bs)
-        set_checkpointing(model, n)
-        peak_all = _one_step(model, batch, step)
-        row = {"micro_batch": bs, "peak_all_gib": None if peak_all is None else round(peak_all / 2**30, 2)}
-        tried.append(row)
-        if peak_all is None or peak_all > limit:
-            row["fits"] = False
-            continue
-        set_checkpointing(model, n // 2)
-        peak_half = _one_step(model, batch, step)
-        if peak_half is None:
-            layers = n
-        else:
-            per_layer = max(1, peak_half - peak_all) / max(1, n - n // 2)
-            layers = n - int((limit - peak_all) // per_layer)
-            layers = max(0, min(n, layers))
-        while True:
-            set_checkpointing(model, layers)
-            peak = _one_step(model, batch, step)
-            if (peak is not None and peak <= limit) or layers >= n:
-                break
-            layers = min(n, layers + max(1, n // 16))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(time_steps):
-            step(model, batch, 1.0)
-            model.zero_grad(set_to_none=True)
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1000
-        tok_s = time_steps * sum(int(v.numel()) for k, v in batch.items() if k == "input_ids") / seconds
-        row.update({"checkpoint_layers": layers, "peak_gib": None if peak is None else round(peak / 2**30, 2),
-                    "tokens_per_s": round(tok_s, 1), "fits": True})
-        if best is None or tok_s > best["tokens_per_s"]:
-            best = row
-    if best is None:
-        raise RuntimeError(f"no layout fits {budget_bytes / 2**30:.1f} GiB: {tried}")
-    set_checkpointing(model, best["checkpoint_layers"])
-    model.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"micro_batch": best["micro_batch"], "checkpoint_layers": best["checkpoint_layers"], "tried": tried}
-
-
-def lora_matmul_params(model) -> dict:
-    """Sizes for the FLOP count: frozen matmul parameters (decoder linears + LM head) and LoRA (in+out)*r sums."""
-    import torch.nn as nn
-
-    frozen = 0
-    lora_io_r = 0
-    for module in model.modules():
-        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
-            base = module.get_base_layer()
-            for name in module.lora_A:
-                r = module.lora_A[name].weight.shape[0]
-                lora_io_r += r * (base.in_features + base.out_features)
-        elif isinstance(module, nn.Linear) and not getattr(module, "_cogumi_in_lora", False):
-            frozen += module.weight.numel()
-    return {"frozen_matmul_params": frozen, "lora_io_r": lora_io_r}
-
-
-def mark_lora_children(model) -> None:
-    """Tag the lora_A/lora_B linears so the FLOP count skips them (their FLOPs are counted separately)."""
-    for module in model.modules():
-        if hasattr(module, "lora_A") and hasattr(module, "get_base_layer"):
-            for sub in list(module.lora_A.values()) + list(module.lora_B.values()):
-                sub._cogumi_in_lora = True
-
-
-def useful_flops_per_token(frozen_matmul_params: int, lora_io_r: int, n_layers: int, attn_dim: int,
-                           seq_len: int) -> float:
-    """Useful FLOPs per trained token, recompute not counted.
-
-    frozen linears (decoder + LM head): forward 2N + input-gradient backward 2N = 4N (no weight gradient);
-    LoRA: forward, input gradient and weight gradient, 2 FLOPs each per (in+out)*r: 6 * sum r(in+out);
-    causal attention (d = heads x head_dim, s = sequence length): QK^T and PV forward 2*s*d each per token,
-    halved by the causal mask (a token sees s/2 keys on average) -> 2*s*d; backward twice the forward -> 4*s*d;
-    6*s*d per layer. Embedding lookups, norms, activations and the optimizer are not counted.
-    """
-    attention = 6.0 * seq_len * attn_dim * n_layers
-    return 4.0 * frozen_matmul_params + 6.0 * lora_io_r + attention
-

@@ -3,7 +3,7 @@
 The effective batch (examples per optimizer step) is `train.micro_batch_size x train.grad_accum` as written in the
 config, whatever the number of processes: with N processes each accumulates E / (micro x N) micro-batches. So a
 run, and a resumed run, trains the same thing on 1 or N GPUs (docs/MULTI_GPU.md). With
-`train.checkpoint_layers: auto` on a GPU, rank 0's memory probe (cogumi.train.fastpath.probe_layout) picks the
+`train.checkpoint_layers: auto` on a GPU, rank 0's memory probe (cogumi.train.probe.probe_layout) picks the
 micro-batch (a divisor of E / N, at most train.micro_batch_size) and the fewest checkpointed layers that fit
 `train.memory_budget_gib`; accumulation is recomputed from it, so the effective batch does not change.
 """
@@ -21,7 +21,8 @@ from cogumi.core.config import PhaseConfig
 from cogumi.core.errors import UserError
 from cogumi.train import distributed
 from cogumi.train.data import Example
-from cogumi.train.fastpath import num_layers, probe_layout, set_checkpointing
+from cogumi.train.packed_attention import batch_to_device, require_packed_attention
+from cogumi.train.probe import num_layers, probe_layout, set_checkpointing
 from cogumi.train.step import train_step
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def write_layout(folder: Path, layout: Layout) -> None:
     (Path(folder) / LAYOUT_FILE).write_text(json.dumps(asdict(layout)) + "\n", encoding="utf-8")
 
 
-def choose_layout(config: PhaseConfig, model, runtime, effective_batch: int, collate,
+def choose_layout(config: PhaseConfig, model, runtime, effective_batch: int, encoded,
                   saved: dict | None = None) -> Layout:
     """The micro-batch, accumulation and checkpointed layers for this run; the model is left set to them."""
     t = config.train
@@ -91,29 +92,31 @@ def choose_layout(config: PhaseConfig, model, runtime, effective_batch: int, col
     elif runtime.device.type != "cuda":
         layers, chosen_by = n_layers, "auto without a GPU: every layer, memory is not probed"
     else:
-        micro, layers, chosen_by = _probe(config, model, runtime, effective_batch // world, collate, saved)
+        micro, layers, chosen_by = _probe(config, model, runtime, effective_batch // world, encoded, saved)
     accum = split_effective_batch(effective_batch, micro, world)
     set_checkpointing(model, layers)
     return Layout(micro, accum, world, layers, n_layers, chosen_by)
 
 
-def _probe(config: PhaseConfig, model, runtime, per_process: int, collate, saved: dict | None):
+def _probe(config: PhaseConfig, model, runtime, per_process: int, encoded, saved: dict | None):
     t = config.train
     candidates = [m for m in range(min(t.micro_batch_size, per_process), 0, -1) if per_process % m == 0]
     if saved and saved.get("micro_batch_size") in candidates:
-        # A resumed run keeps its micro-batch: the loss is a token mean per micro-batch, so another size would
-        # weight the examples differently from the interrupted run.
+        # A resumed run keeps its micro-batch: the saved data position counts micro-batches, and the same split
+        # keeps the resumed steps bit-for-bit those of the interrupted run.
         candidates = [saved["micro_batch_size"]]
     card = torch.cuda.get_device_properties(runtime.device).total_memory
     budget = int(t.memory_budget_gib * 2**30) if t.memory_budget_gib else int(BUDGET_OF_CARD * card)
-    batch_of = probe_batch(collate, config.data.max_seq_len, model.config.vocab_size, runtime.device)
+    if encoded.collate.packed:
+        require_packed_attention(model)  # the probe must measure the attention the run will use
+    batch_of = probe_batch(encoded.collate, encoded.items, model.config.vocab_size, runtime.device)
 
     def probe():
         try:
             return probe_layout(model, batch_of, train_step, budget, candidates)
         except RuntimeError as err:
-            raise UserError(f"no micro-batch in {candidates} fits {budget / 2**30:.1f} GiB at seq "
-                            f"{config.data.max_seq_len} even with every layer checkpointed ({err})",
+            raise UserError(f"no micro-batch in {candidates} fits {budget / 2**30:.1f} GiB with rows of up to "
+                            f"{config.data.max_seq_len} tokens even with every layer checkpointed ({err})",
                             where="train.memory_budget_gib / data.max_seq_len",
                             fix="raise train.memory_budget_gib, lower data.max_seq_len, or use a larger GPU") from err
 
@@ -123,13 +126,25 @@ def _probe(config: PhaseConfig, model, runtime, per_process: int, collate, saved
     return found["micro_batch"], found["checkpoint_layers"], f"memory probe within {budget / 2**30:.1f} GiB"
 
 
-def probe_batch(collate, max_seq_len: int, vocab_size: int, device: torch.device):
-    """make_batch(bs) for the probe: bs full-length rows, the largest micro-batch the data can produce."""
-    ids = [(7 * i + 3) % vocab_size for i in range(max_seq_len)]
-    item = Example(ids, list(ids))
-    item = [item] if collate.packed else item
+def probe_shape(items: list, packed: bool) -> list[int]:
+    """The example lengths of the row the probe measures: the run's largest row.
+
+    Packed: the packed row with the most tokens (rows are nearly full; its examples keep their own lengths, so the
+    attention kernel sees the run's segments). Unpacked: the longest example (a micro-batch pads to it).
+    """
+    if packed:
+        return [len(ex.input_ids) for ex in max(items, key=lambda row: sum(len(ex.input_ids) for ex in row))]
+    return [max(len(ex.input_ids) for ex in items)]
+
+
+def probe_batch(collate, items: list, vocab_size: int, device: torch.device):
+    """make_batch(bs) for the probe: bs copies of the run's largest row (probe_shape), every token trained."""
+    lengths = probe_shape(items, collate.packed)
+    row = [Example(ids, list(ids)) for ids in
+           ([(7 * (i + j) + 3) % vocab_size for j in range(n)] for i, n in enumerate(lengths))]
+    item = row if collate.packed else row[0]
 
     def make(bs: int) -> dict:
-        return {k: v.to(device) for k, v in collate([item] * bs).items()}
+        return batch_to_device(collate([item] * bs), device)
 
     return make

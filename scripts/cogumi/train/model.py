@@ -22,7 +22,7 @@ from cogumi.core.guards import refuse_quantized_base
 from cogumi.core.manifest import weights_fingerprint
 from cogumi.core.safetensors_io import weight_files
 from cogumi.core.stamp import require_validated
-from cogumi.train.fastpath import apply_fast_path
+from cogumi.train.packed_attention import choose_kernel
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class Runtime:
     attention: str
     rank: int = 0
     world_size: int = 1
-    fast_path: dict = field(default_factory=dict)
+    packed_kernel: str | None = None  # attention for packed rows (cogumi.train.packed_attention); None: unpacked
+    fast_path: dict = field(default_factory=dict)  # what cogumi.train.fastpath.fast_path applied (set by the caller)
 
     @property
     def is_main(self) -> bool:
@@ -67,10 +68,9 @@ def resolve_runtime(train: TrainConfig, *, packing: bool) -> Runtime:
     device = _resolve_device(train.device, int(os.environ.get("LOCAL_RANK", 0)))
     dtype = _resolve_dtype(train.dtype, device)
     attention = _resolve_attention(train.attention, device, packing)
-    # Fused kernels patch model classes, so they are applied here, before any model is instantiated.
-    fast_path = apply_fast_path(train.liger, device.type)
+    kernel = choose_kernel(device, dtype) if packing else None
     return Runtime(device=device, dtype=dtype, attention=attention, rank=rank, world_size=world_size,
-                   fast_path=fast_path)
+                   packed_kernel=kernel)
 
 
 def _resolve_device(name: str, local_rank: int) -> torch.device:
@@ -95,19 +95,14 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _resolve_attention(name: str, device: torch.device, packing: bool) -> str:
+    """The model's attention class. Packed rows replace its attention anyway (packed_attention, with flash-attn's
+    varlen kernel when installed), so they load sdpa; unpacked rows use flash_attention_2 when installed."""
     has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     if name == "auto":
-        if has_flash and packing:
-            log.info("attention: sdpa, because packing needs a block mask that flash_attention_2 cannot take "
-                     "in transformers 4.43")
         return "flash_attention_2" if has_flash and not packing else "sdpa"
     if name == "flash_attention_2" and not has_flash:
         raise UserError("train.attention=flash_attention_2 but flash_attn is not importable on a GPU here",
                         where="train.attention", fix="use train.attention=auto (sdpa), or `make setup` on the GPU box")
-    if name == "flash_attention_2" and packing:
-        raise UserError("data.packing needs a per-example block mask, which flash_attention_2 in transformers "
-                        "4.43 cannot take", where="train.attention",
-                        fix="use train.attention=sdpa with packing, or data.packing=false with flash_attention_2")
     if name not in {"sdpa", "eager", "flash_attention_2"}:
         raise UserError(f"unknown train.attention '{name}'", where="train.attention",
                         fix="use auto, sdpa, eager or flash_attention_2")
@@ -166,7 +161,7 @@ def build_model(config: PhaseConfig, base: Base, runtime: Runtime):
     model = AutoModelForCausalLM.from_pretrained(base.path, torch_dtype=runtime.dtype,
                                                  attn_implementation=runtime.attention)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    # Activation checkpointing is set later, per layer, by layout.choose_layout (fastpath.set_checkpointing:
+    # Activation checkpointing is set later, per layer, by layout.choose_layout (probe.set_checkpointing:
     # non-reentrant, so frozen embeddings need no enable_input_require_grads hack, and the fused autograd functions
     # recompute correctly); gradient_checkpointing_enable would checkpoint every layer.
     torch.manual_seed(config.train.seed)  # LoRA A matrices are random: same seed, same start
@@ -179,8 +174,9 @@ def build_model(config: PhaseConfig, base: Base, runtime: Runtime):
                     "float32 path (more time and activation memory; docs/PERFORMANCE.md); set lora.dropout=0.0",
                     config.lora.dropout)
     trainable, total = model.get_nb_trainable_parameters()
+    attention = f"packed rows through {runtime.packed_kernel}" if runtime.packed_kernel else runtime.attention
     log.info("model: %s in %s, attention %s, LoRA r=%d on %s: %d trainable of %d parameters (%.3f%%)",
-             base.spec, str(runtime.dtype).replace("torch.", ""), runtime.attention, config.lora.r,
+             base.spec, str(runtime.dtype).replace("torch.", ""), attention, config.lora.r,
              config.lora.target_modules, trainable, total, 100 * trainable / total)
     return model
 

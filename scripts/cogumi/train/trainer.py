@@ -32,10 +32,12 @@ from cogumi.core.manifest import sha256_json
 from cogumi.core.tracking import Tracker, no_tracker
 from cogumi.train import distributed
 from cogumi.train.checkpoints import latest_complete, list_complete, measured_checkpoint_size, save_checkpoint
-from cogumi.train.data import Batches
+from cogumi.train.data import BatchCounts, Batches
+from cogumi.train.flops import matmul_sizes, peak_tflops
 from cogumi.train.layout import Layout, write_layout
 from cogumi.train.model import Runtime, trainable_parameters
-from cogumi.train.step import accumulate
+from cogumi.train.packed_attention import batch_to_device, require_packed_attention
+from cogumi.train.step import accumulate, token_weights
 from cogumi.train.trainlog import TRAIN_LOG, append_row, truncate_log
 
 log = logging.getLogger(__name__)
@@ -59,21 +61,27 @@ class Plan:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    tokens_per_step: int  # mean real tokens per optimizer step (rows x their mean length)
+    packed: bool = False
 
     def describe(self) -> str:
-        return (f"{self.rows} training rows, {self.effective_batch} per optimizer step: {self.steps_per_epoch} steps "
-                f"per epoch ({self.rows - self.steps_per_epoch * self.effective_batch} rows left out of each epoch, a "
-                f"different few each time); {self.total_steps} optimizer steps ({self.warmup_steps} warm-up)")
+        what = "packed rows" if self.packed else "examples"
+        left = self.rows - self.steps_per_epoch * self.effective_batch
+        return (f"{self.rows} training {what}, {self.effective_batch} per optimizer step (~{self.tokens_per_step:,} "
+                f"tokens): {self.steps_per_epoch} steps per epoch ({left} {what} left out of each epoch, a different "
+                f"few each time); {self.total_steps} optimizer steps ({self.warmup_steps} warm-up)")
 
 
 @dataclass
 class Result:
     steps: int
     final_loss: float | None
-    tokens_per_s: float | None
+    tokens_per_s: float | None  # real (non-pad) tokens per second, over the whole run
     peak_mem_gib: float
     seconds: float
     resumed_from: str | None
+    mfu: float | None = None
+    padding: float | None = None
 
 
 def effective_batch(config: PhaseConfig) -> int:
@@ -81,7 +89,8 @@ def effective_batch(config: PhaseConfig) -> int:
     return config.train.micro_batch_size * config.train.grad_accum
 
 
-def make_plan(config: PhaseConfig, rows: int) -> Plan:
+def make_plan(config: PhaseConfig, rows: int, tokens: int = 0) -> Plan:
+    """The step count for `rows` training items (examples, or packed rows) holding `tokens` real tokens."""
     t = config.train
     eff = effective_batch(config)
     per_epoch = rows // eff
@@ -93,7 +102,8 @@ def make_plan(config: PhaseConfig, rows: int) -> Plan:
     if total < 1:
         raise UserError("this run would take 0 optimizer steps", where="train.max_steps / train.epochs",
                         fix="set train.max_steps or raise train.epochs")
-    return Plan(eff, rows, per_epoch, total, math.ceil(t.warmup_ratio * total))
+    return Plan(eff, rows, per_epoch, total, math.ceil(t.warmup_ratio * total), round(tokens / rows * eff),
+                config.data.packing)
 
 
 def training_hash(config: PhaseConfig) -> str:
@@ -168,7 +178,12 @@ class Trainer:
         self.config, self.model, self.batches, self.runtime = config, model, batches, runtime
         self.plan, self.layout = plan, layout
         self.params = trainable_parameters(model)
+        if batches.collate.packed:
+            require_packed_attention(model)  # never let packed examples attend to each other
         self.engine, self.no_sync = wrap_for_distributed(model, runtime)
+        self.sizes = matmul_sizes(model)  # the FLOP count behind MFU, the same as scripts/bench/bench_train.py's
+        gpu = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else None
+        self.peak_tflops = peak_tflops(gpu)
         t = config.train
         # Fused AdamW keeps the whole update in one kernel per parameter group on a GPU.
         self.optimizer = torch.optim.AdamW(self.params, lr=t.learning_rate, weight_decay=t.weight_decay,
@@ -181,6 +196,7 @@ class Trainer:
         self.log_path = config.run_dir / TRAIN_LOG
         self.last_loss: float | None = None
         self.last_tps: float | None = None
+        self.run_counts, self.run_flops = BatchCounts(), 0.0  # this process's, for the summary
         # Per-rank seeds: dropout on two ranks must not draw the same masks. Rank 0 keeps the one-process stream.
         seed_everything(t.seed + runtime.rank)
 
@@ -273,14 +289,16 @@ class Trainer:
 
         self.tracker = tracker or no_tracker()
         t = self.config.train
-        start, window = time.perf_counter(), _Window(self.runtime.device)
+        start, window = time.perf_counter(), _Window(self.runtime.device, self.peak_tflops)
         bar = tqdm(total=self.plan.total_steps, initial=self.step, desc=self.config.name, unit="step",
                    disable=not self.runtime.is_main, dynamic_ncols=True)
         self.engine.train()
         while self.step < self.plan.total_steps:
-            loss, tokens = self._optimizer_step(t.max_grad_norm)
+            loss, counts = self._optimizer_step(t.max_grad_norm)
             self.step += 1
-            window.add(loss, tokens)
+            flops = self.sizes.flops(counts.tokens, counts.squared_lengths)
+            window.add(loss, counts, flops)
+            self.run_counts, self.run_flops = self.run_counts + counts, self.run_flops + flops
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == self.plan.total_steps:
                 self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
@@ -288,36 +306,40 @@ class Trainer:
             if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
                 self.save()
         bar.close()
-        return Result(self.step, self.last_loss, self.last_tps, peak_mem_gib(self.runtime.device),
-                      time.perf_counter() - start, self.resumed_from)
+        seconds = time.perf_counter() - start
+        counts = self.run_counts
+        return Result(self.step, self.last_loss, counts.tokens * self.layout.world_size / seconds if counts.tokens
+                      else None, peak_mem_gib(self.runtime.device), seconds, self.resumed_from,
+                      mfu=self.run_flops / seconds / 1e12 / self.peak_tflops if self.peak_tflops else None,
+                      padding=1 - counts.tokens / counts.slots if counts.slots else None)
 
-    def _optimizer_step(self, max_grad_norm: float) -> tuple[torch.Tensor, int]:
-        """grad_accum micro-batches through cogumi.train.step.accumulate, clip, step; returns (mean loss, tokens)."""
-        tokens = []
+    def _optimizer_step(self, max_grad_norm: float) -> tuple[torch.Tensor, BatchCounts]:
+        """grad_accum micro-batches through cogumi.train.step.accumulate, clip, step; returns (loss, counts).
+
+        The micro-batches are taken (on the host) before the first forward: each is weighted by its share of the
+        step's trained tokens, so the loss is the token mean of the whole effective batch, packed or not.
+        """
         device = self.runtime.device
-
-        def micro_batches():
-            for _ in range(self.layout.grad_accum):
-                batch, n = next(self.batches)
-                tokens.append(n)
-                yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-        # no .item() anywhere here: the GPU never waits for the host
-        loss = accumulate(self.engine, micro_batches(), self.layout.grad_accum, self.no_sync)
+        taken, step_trained = self.batches.next_step()
+        weights = token_weights([counts.trained for _, counts in taken], step_trained, self.layout.world_size)
+        micro_batches = (batch_to_device(batch, device) for batch, _ in taken)
+        # no .item() anywhere here: the GPU never waits for the host (packed rows' segment bounds come from the host)
+        loss = accumulate(self.engine, micro_batches, weights, self.no_sync)
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, sum(tokens)
+        return loss, sum((counts for _, counts in taken), BatchCounts())
 
     def _log(self, window: dict) -> None:
         self.last_loss, self.last_tps = window["loss"], window["tokens_per_s"]
         if not self.runtime.is_main:
             return
+        # tokens_per_s counts real (non-pad) tokens; mfu uses cogumi.train.flops, as the bench does
         row = {"step": self.step, "loss": round(window["loss"], 6), "lr": self.scheduler.get_last_lr()[0],
-               "tokens_per_s": round(window["tokens_per_s"], 1),
-               "peak_mem_gib": round(peak_mem_gib(self.runtime.device), 3)}
+               "tokens_per_s": round(window["tokens_per_s"], 1), "mfu": window["mfu"],
+               "padding": window["padding"], "peak_mem_gib": round(peak_mem_gib(self.runtime.device), 3)}
         append_row(self.log_path, row)
         self.tracker.log(row)  # tensorboard / wandb, when train.report_to asks for them
         log.debug("step %d: %s", self.step, row)
@@ -346,82 +368,28 @@ def wrap_for_distributed(model, runtime: Runtime):
 class _Window:
     """Loss and throughput since the last log line; the one host sync per log interval happens in close()."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, peak_tflops: float | None):
+        self.device, self.peak_tflops = device, peak_tflops
         self._reset()
 
     def _reset(self):
-        self.losses, self.tokens, self.since = [], 0, time.perf_counter()
+        self.losses, self.tokens, self.slots, self.flops, self.since = [], 0, 0, 0.0, time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, counts: BatchCounts, flops: float) -> None:
         self.losses.append(loss)
-        self.tokens += tokens
+        self.tokens += counts.tokens
+        self.slots += counts.slots
+        self.flops += flops
 
     def close(self) -> dict:
-        """Mean loss over the window and all ranks; tokens/s of all ranks together."""
+        """Mean loss over the window and all ranks; real tokens/s of all ranks together, padding, MFU per GPU."""
         loss = torch.stack(self.losses).float().mean().item()
-        loss_sum, tokens, ranks = distributed.sum_values([loss, float(self.tokens), 1.0], self.device)
+        loss_sum, tokens, ranks, slots, flops = distributed.sum_values(
+            [loss, float(self.tokens), 1.0, float(self.slots), self.flops], self.device)
         seconds = max(time.perf_counter() - self.since, 1e-9)
-        out = {"loss": loss_sum / ranks, "tokens_per_s": tokens / seconds}
+        mfu = flops / ranks / seconds / 1e12 / self.peak_tflops if self.peak_tflops else None
+        out = {"loss": loss_sum / ranks, "tokens_per_s": tokens / seconds,
+               "padding": round(1 - tokens / slots, 4) if slots else None,
+               "mfu": None if mfu is None else round(mfu, 4)}
         self._reset()
         return out
-
-
-# ---------------------------------------------------------------- outputs
-
-
-def export_adapter(config: PhaseConfig, model, base, runtime: Runtime, result: Result) -> Path:
-    """adapter/ = peft's adapter_config.json + adapter_model.safetensors + manifest.json, written then renamed.
-
-    An adapter already there (an earlier finished run) is moved aside, never overwritten.
-    """
-    from cogumi.core.manifest import sha256_file, write_manifest
-    from cogumi.train.model import lora_record
-
-    final = config.adapter_dir
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        move_aside(tmp, "incomplete")
-    model.save_pretrained(tmp, safe_serialization=True)
-    write_manifest(tmp, "adapter", base_model=config.base_model, base_path=str(base.path),
-                   base_fingerprint=base.fingerprint, dtype=str(runtime.dtype).replace("torch.", ""),
-                   config_hash=sha256_json(config.to_dict()), training_hash=training_hash(config),
-                   adapter_hash=sha256_file(tmp / ADAPTER_WEIGHTS), lora=lora_record(config.lora),
-                   trained_on_quantized=False, force_warning=base.force_warning, steps=result.steps,
-                   final_loss=result.final_loss)
-    if final.exists():
-        aside = move_aside(final, "old")
-        log.info("moved the previous adapter aside to %s", aside)
-    tmp.rename(final)
-    return final
-
-
-def finished_adapter(config: PhaseConfig, total_steps: int) -> dict | None:
-    """The manifest of an adapter this exact run already finished, so `make train` again is a no-op."""
-    from cogumi.core.manifest import read_manifest
-
-    manifest = read_manifest(config.adapter_dir) if config.adapter_dir.is_dir() else None
-    if manifest and manifest.get("training_hash") == training_hash(config) and manifest.get("steps") == total_steps:
-        return manifest
-    return None
-
-
-def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | None) -> str:
-    """The one-screen report printed at the end of a run."""
-    run_dir = config.run_dir
-    checkpoints = ", ".join(p.name for _, p in list_complete(run_dir)) or "none"
-    loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-    tps = f"{result.tokens_per_s:,.0f}" if result.tokens_per_s is not None else "n/a"
-    lines = [
-        f"== {config.name}: training done ==",
-        f"  steps        {result.steps}" + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""),
-        f"  final loss   {loss}",
-        f"  tokens/s     {tps}   peak memory {result.peak_mem_gib:.2f} GiB   wall {result.seconds:.0f} s",
-        f"  adapter      {adapter}",
-        f"  checkpoints  {checkpoints}",
-        f"  log          {run_dir / TRAIN_LOG}",
-    ]
-    if plot is not None:
-        lines.append(f"  loss curve   {plot}")
-    lines.append(f"  next         make merge PHASE={config.name.removeprefix('phase')}")
-    return "\n".join(lines)

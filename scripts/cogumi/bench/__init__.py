@@ -1,0 +1,1 @@
+"""Shared logic of the speed benchmarks in scripts/bench/ (run in their worker processes)."""

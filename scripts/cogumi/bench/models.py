@@ -1,0 +1,113 @@
+"""Random-weight models for the benchmarks: the phase's architecture built on the device, with a LoRA on it."""
+
+from __future__ import annotations
+
+GIB = 2**30
+
+SHAPES = {
+    # Llama-3.1-8B (config.json of meta-llama/Llama-3.1-8B-Instruct)
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=131072,
+               rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0, max_position_embeddings=4096,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+
+def versions() -> dict:
+    """Versions of the stack as this process imports it (the device shadows its own with the pinned wheels)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "liger-kernel", "triton", "flash-attn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    import peft
+    import torch
+    import transformers
+
+    out["imported"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "peft": peft.__version__}
+    out["cuda"] = torch.version.cuda
+    return out
+
+
+def device_info(device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        return {"device": "cpu", "gpu": None, "total_gib": None}
+    props = torch.cuda.get_device_properties(device)
+    return {"device": "cuda", "gpu": props.name, "total_gib": round(props.total_memory / GIB, 1)}
+
+
+def build_model(shape: str, device, dtype, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SHAPES[shape], use_cache=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, target_modules, seed: int = 1):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, lcfg)
+    # B starts at zero in peft; give it small random values so the adapters take part in the loss check.
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * 0.02
+            param.data.copy_(values.to(param.device, param.dtype))
+    return model
+
+
+def lora_grad_summary(model) -> dict:
+    """Global norm and a seeded random projection of the LoRA gradients (the same in every process)."""
+    import torch
+
+    total_sq = 0.0
+    proj = 0.0
+    for i, (_name, param) in enumerate(sorted(model.named_parameters(), key=lambda kv: kv[0])):
+        if param.grad is None:
+            continue
+        g = param.grad.detach().float()
+        total_sq += float((g * g).sum())
+        gen = torch.Generator(device="cpu").manual_seed(1000 + i)
+        direction = torch.randn(g.shape, generator=gen).to(g.device)
+        proj += float((g * direction).sum())
+    return {"grad_norm": total_sq ** 0.5, "grad_proj": proj}
+
+
+def set_dropout(model, p: float | None) -> dict:
+    """Set every LoRA dropout's p (None leaves it); returns the previous values by module name."""
+    import torch.nn as nn
+
+    saved = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and "lora_dropout" in name:
+            saved[name] = module.p
+            if p is not None:
+                module.p = p
+    return saved
+
+
+def restore_dropout(model, saved: dict) -> None:
+    for name, module in model.named_modules():
+        if name in saved:
+            module.p = saved[name]
