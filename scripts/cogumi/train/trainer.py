@@ -17,6 +17,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,10 +28,11 @@ import torch
 
 from cogumi.core.config import PhaseConfig
 from cogumi.core.errors import UserError
-from cogumi.core.fsutil import move_aside
+from cogumi.core.fsutil import free_bytes, move_aside
 from cogumi.core.manifest import sha256_json
 from cogumi.train import distributed
-from cogumi.train.checkpoints import latest_complete, list_complete, measured_checkpoint_size, save_checkpoint
+from cogumi.train.checkpoints import (DiskStop, latest_complete, list_complete, looks_like_disk_full,
+                                      measured_checkpoint_size, save_checkpoint)
 from cogumi.train.data import Batches
 from cogumi.train.layout import Layout, write_layout
 from cogumi.train.model import Runtime, trainable_parameters
@@ -95,33 +97,64 @@ def make_plan(config: PhaseConfig, rows: int) -> Plan:
     return Plan(eff, rows, per_epoch, total, math.ceil(t.warmup_ratio * total))
 
 
-def training_hash(config: PhaseConfig) -> str:
-    """Identity of what is trained: a checkpoint is only resumed by a run with the same one."""
+def training_settings(config: PhaseConfig) -> dict:
+    """What is trained: base, data, LoRA and the train.* keys that change the result (not speed or memory)."""
     values = config.to_dict()
     picked = {k: values[k] for k in ("base_model", "data", "lora", "train")}
     picked["train"] = {k: v for k, v in picked["train"].items() if k not in _NOT_TRAINING["train"]}
     picked["train"]["effective_batch"] = effective_batch(config)
-    return sha256_json(picked)
+    return picked
+
+
+def training_hash(config: PhaseConfig) -> str:
+    """Identity of what is trained: a checkpoint is only resumed by a run with the same one."""
+    return sha256_json(training_settings(config))
+
+
+def changed_keys(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two settings dicts, e.g. ['train.learning_rate: 0.0002 -> 0.001']."""
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 # ---------------------------------------------------------------- run folder and resume choice
 
 
-def prepare_run_dir(config: PhaseConfig, *, fresh: bool) -> Path | None:
-    """The checkpoint to resume from (the newest COMPLETE one), or None; RESUME=0 moves an old run aside first."""
+def choose_resume(config: PhaseConfig, *, fresh: bool) -> Path | None:
+    """The checkpoint to resume from (the newest COMPLETE one), or None. Changes nothing on disk.
+
+    RESUME=0 resumes nothing; the old run is moved aside later, by claim_run_dir, once every check passed.
+    """
     run_dir = config.run_dir
-    if fresh and run_dir.exists():
-        aside = move_aside(run_dir, "old")
-        log.info("RESUME=0: moved the previous run %s aside to %s (nothing deleted)", run_dir, aside)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh or not run_dir.is_dir():
+        return None
     checkpoint = latest_complete(run_dir)
-    ignored = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir()
-                     and p not in {path for _, path in list_complete(run_dir)})
+    complete = {path for _, path in list_complete(run_dir)}
+    ignored = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir() and p not in complete)
     if ignored:
         log.warning("ignoring %s: no COMPLETE marker (an interrupted save)", ", ".join(ignored))
     if checkpoint is not None:
         log.info("resume: continuing from %s (the newest complete checkpoint; RESUME=0 starts fresh)", checkpoint)
     return checkpoint
+
+
+def claim_run_dir(config: PhaseConfig, *, fresh: bool) -> Path:
+    """The run folder, ready for writing; RESUME=0 moves the previous one aside first (nothing is deleted).
+
+    Called after every check passed, so a refused run (exit 2) has moved nothing (ISSUES_LOG B-exit2).
+    """
+    run_dir = config.run_dir
+    if fresh and run_dir.exists():
+        aside = move_aside(run_dir, "old")
+        log.info("RESUME=0: moved the previous run %s aside to %s (nothing deleted)", run_dir, aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 # ---------------------------------------------------------------- RNG and state
@@ -189,7 +222,8 @@ class Trainer:
         self.model.save_pretrained(folder / "adapter", safe_serialization=True)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict(),
-                 "training_hash": training_hash(self.config), "total_steps": self.plan.total_steps,
+                 "training_hash": training_hash(self.config),
+                 "training_settings": training_settings(self.config), "total_steps": self.plan.total_steps,
                  "world_size": self.layout.world_size}
         torch.save(state, folder / STATE_FILE)
         for rank, rng in enumerate(rng_states):
@@ -213,7 +247,7 @@ class Trainer:
 
         return distributed.on_main(write)
 
-    def resume(self, checkpoint: Path, *, force: bool = False) -> None:
+    def resume(self, checkpoint: Path, *, allow_changed: bool = False) -> None:
         """Restore everything a checkpoint holds; the next step is exactly the one the saved run would take.
 
         Every rank reads the same complete checkpoint (rank 0 chose it and broadcast the path).
@@ -222,7 +256,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-        self._check_compatible(state, checkpoint, force)
+        self._check_compatible(state, checkpoint, allow_changed)
         weights = load_file(checkpoint / "adapter" / ADAPTER_WEIGHTS, device=str(self.runtime.device))
         result = set_peft_model_state_dict(self.model, weights)
         missing = [k for k in result.unexpected_keys if "lora_" in k]
@@ -252,18 +286,24 @@ class Trainer:
                             "weights carry over exactly, the random streams (LoRA dropout) start afresh",
                             checkpoint.name, saved_world, self.layout.world_size)
 
-    def _check_compatible(self, state: dict, checkpoint: Path, force: bool) -> None:
+    def _check_compatible(self, state: dict, checkpoint: Path, allow_changed: bool) -> None:
         same = state.get("training_hash") == training_hash(self.config)
         if same and state.get("total_steps") == self.plan.total_steps:
             return
-        message = (f"{checkpoint} was saved by a run with different training settings (data, LoRA, train.*, the "
-                   "effective batch or the step count changed)")
-        if not force:
+        message = f"{checkpoint} was saved by a run with different training settings"
+        keys = changed_keys(state["training_settings"], training_settings(self.config)) \
+            if "training_settings" in state else []
+        if state.get("total_steps") != self.plan.total_steps:
+            keys.append(f"total steps: {state.get('total_steps')} -> {self.plan.total_steps}")
+        message += ": " + ("; ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+                           if keys else "data, LoRA, train.*, the effective batch or the step count changed "
+                                        "(this checkpoint predates the list of keys)")
+        if not allow_changed:
             raise UserError(message, where=str(checkpoint),
                             fix="undo the change, or RESUME=0 to start fresh (the old run is moved aside), or "
-                                "FORCE=1 to continue anyway")
+                                "RESUME_CHANGED=1 to continue from it anyway")
         if self.runtime.is_main:
-            log.warning("FORCE=1: %s; continuing from it anyway", message)
+            log.warning("RESUME_CHANGED=1: %s; continuing from it anyway", message)
 
     # -- the loop
 
@@ -370,27 +410,42 @@ class _Window:
 def export_adapter(config: PhaseConfig, model, base, runtime: Runtime, result: Result) -> Path:
     """adapter/ = peft's adapter_config.json + adapter_model.safetensors + manifest.json, written then renamed.
 
-    An adapter already there (an earlier finished run) is moved aside, never overwritten.
+    An adapter already there (an earlier finished run) is moved aside, never overwritten. A full disk stops with
+    DiskStop (exit 3) and removes the temporary folder: nothing half-written stays behind, and `make train` again
+    exports from the final checkpoint once there is room (ISSUES_LOG B-diskfull).
     """
-    from cogumi.core.manifest import sha256_file, write_manifest
-    from cogumi.train.model import lora_record
-
     final = config.adapter_dir
     tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        move_aside(tmp, "incomplete")
-    model.save_pretrained(tmp, safe_serialization=True)
-    write_manifest(tmp, "adapter", base_model=config.base_model, base_path=str(base.path),
-                   base_fingerprint=base.fingerprint, dtype=str(runtime.dtype).replace("torch.", ""),
-                   config_hash=sha256_json(config.to_dict()), training_hash=training_hash(config),
-                   adapter_hash=sha256_file(tmp / ADAPTER_WEIGHTS), lora=lora_record(config.lora),
-                   trained_on_quantized=False, force_warning=base.force_warning, steps=result.steps,
-                   final_loss=result.final_loss)
+    if tmp.exists():  # only this function makes it: the leftover of a killed export, never a user's file
+        shutil.rmtree(tmp)
+    try:
+        _write_adapter(tmp, config, model, base, runtime, result)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # the error that matters is `err`; the cleanup is best effort
+        if isinstance(err, Exception) and looks_like_disk_full(err, free_bytes(final.parent), 0):
+            raise DiskStop(f"the disk filled while exporting the final adapter; nothing was kept ({err})",
+                           where=str(final.parent.absolute()),
+                           fix="free some space on that filesystem, then run the same `make train` again: it "
+                               "exports from the final checkpoint without training again") from err
+        raise
     if final.exists():
         aside = move_aside(final, "old")
         log.info("moved the previous adapter aside to %s", aside)
     tmp.rename(final)
     return final
+
+
+def _write_adapter(folder: Path, config: PhaseConfig, model, base, runtime: Runtime, result: Result) -> None:
+    from cogumi.core.manifest import sha256_file, write_manifest
+    from cogumi.train.model import lora_record
+
+    model.save_pretrained(folder, safe_serialization=True)
+    write_manifest(folder, "adapter", base_model=config.base_model, base_path=str(base.path),
+                   base_fingerprint=base.fingerprint, dtype=str(runtime.dtype).replace("torch.", ""),
+                   config_hash=sha256_json(config.to_dict()), training_hash=training_hash(config),
+                   adapter_hash=sha256_file(folder / ADAPTER_WEIGHTS), lora=lora_record(config.lora),
+                   trained_on_quantized=False, allowed_unvalidated=base.unvalidated_warning, steps=result.steps,
+                   final_loss=result.final_loss)
 
 
 def finished_adapter(config: PhaseConfig, total_steps: int) -> dict | None:
