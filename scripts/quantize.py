@@ -20,6 +20,7 @@ from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.errors import EXIT_USER_ERROR, UserError, run_main
 from cogumi.core.fsutil import aside_name, atomic_write_json, dir_size, move_aside
 from cogumi.core.manifest import read_manifest, weights_fingerprint, write_manifest
+from cogumi.core.switches import switch
 
 log = logging.getLogger("quantize")
 QUANTS = ("nf4", "int8")
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     check_source(merged)
     out = quantized_dir(merged, args.quant)
     if out.exists():
-        if os.environ.get("FORCE") != "1":
+        if not switch("FORCE"):
             raise UserError(f"{out} already exists", where=str(out),
                             fix="pass FORCE=1 to replace it (the old one is moved aside, not deleted)")
         log.info("moved the old output aside to %s", move_aside(out))

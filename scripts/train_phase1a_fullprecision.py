@@ -32,8 +32,15 @@ from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
 from cogumi.train.layout import choose_layout, read_saved_layout
 from cogumi.train.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
 from cogumi.train.plots import plot_loss
-from cogumi.train.trainer import (Trainer, choose_resume, claim_run_dir, export_adapter, finished_adapter, make_plan,
-                                  summary)
+from cogumi.train.trainer import (
+    Trainer,
+    choose_resume,
+    claim_run_dir,
+    export_adapter,
+    finished_adapter,
+    make_plan,
+    summary,
+)
 from cogumi.train.trainlog import TRAIN_LOG
 
 log = logging.getLogger("train")
@@ -48,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    fresh, allow_unvalidated, allow_changed = not switch("RESUME"), switch("ALLOW_UNVALIDATED"), switch("RESUME_CHANGED")
+    fresh, allow_changed = not switch("RESUME"), switch("RESUME_CHANGED")
+    allow_unvalidated = switch("ALLOW_UNVALIDATED")
     config = load_config(phase_config_path(args.phase), args.overrides)
     check_gates(config.validate.gates, list(config.validate.tasks), source=f"{args.phase}: validate.gates")
     runtime = resolve_runtime(config.train, packing=config.data.packing)

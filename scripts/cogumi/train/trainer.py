@@ -31,8 +31,14 @@ from cogumi.core.errors import UserError
 from cogumi.core.fsutil import free_bytes, move_aside
 from cogumi.core.manifest import sha256_json
 from cogumi.train import distributed
-from cogumi.train.checkpoints import (DiskStop, latest_complete, list_complete, looks_like_disk_full,
-                                      measured_checkpoint_size, save_checkpoint)
+from cogumi.train.checkpoints import (
+    DiskStop,
+    latest_complete,
+    list_complete,
+    looks_like_disk_full,
+    measured_checkpoint_size,
+    save_checkpoint,
+)
 from cogumi.train.data import Batches
 from cogumi.train.layout import Layout, write_layout
 from cogumi.train.model import Runtime, trainable_parameters
