@@ -101,7 +101,7 @@ def train(config, runtime, phase: str, *, fresh: bool, allow_unvalidated: bool, 
     trainer = Trainer(config, model, batches, runtime, plan, layout, checkpoint_estimate=estimate)
     if resume_from is not None:
         trainer.resume(resume_from, allow_changed=allow_changed)  # the last check; it cuts the log back
-    distributed.on_main(claim_run_dir, config, fresh=fresh)
+    distributed.on_main(claim_run_dir, config, fresh=fresh, resuming=resume_from is not None)
     distributed.on_main(save_resolved, config, config.run_dir / "config.resolved.yaml")
     with sidecar(config) if runtime.is_main else nullcontext():  # one disk monitor per run, on rank 0
         result = trainer.fit()

@@ -150,16 +150,20 @@ def choose_resume(config: PhaseConfig, *, fresh: bool) -> Path | None:
     return checkpoint
 
 
-def claim_run_dir(config: PhaseConfig, *, fresh: bool) -> Path:
+def claim_run_dir(config: PhaseConfig, *, fresh: bool, resuming: bool) -> Path:
     """The run folder, ready for writing; RESUME=0 moves the previous one aside first (nothing is deleted).
 
-    Called after every check passed, so a refused run (exit 2) has moved nothing (ISSUES_LOG B-exit2).
+    Called after every check passed, so a refused run (exit 2) has moved nothing (ISSUES_LOG B-exit2). A run that
+    starts at step 0 in a folder whose earlier attempt stopped before its first checkpoint drops that attempt's log
+    rows, so each step is logged once.
     """
     run_dir = config.run_dir
     if fresh and run_dir.exists():
         aside = move_aside(run_dir, "old")
         log.info("RESUME=0: moved the previous run %s aside to %s (nothing deleted)", run_dir, aside)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        truncate_log(run_dir / TRAIN_LOG, 0)
     return run_dir
 
 
@@ -321,17 +325,19 @@ class Trainer:
         bar = tqdm(total=self.plan.total_steps, initial=self.step, desc=self.config.name, unit="step",
                    disable=not self.runtime.is_main, dynamic_ncols=True)
         self.engine.train()
-        while self.step < self.plan.total_steps:
-            loss, tokens = self._optimizer_step(t.max_grad_norm)
-            self.step += 1
-            window.add(loss, tokens)
-            bar.update(1)
-            if self.step % t.log_every == 0 or self.step == self.plan.total_steps:
-                self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
-                bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.last_tps:.0f}")
-            if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
-                self.save()
-        bar.close()
+        try:  # the bar ends its line however the loop ends, so a stop message starts on a line of its own
+            while self.step < self.plan.total_steps:
+                loss, tokens = self._optimizer_step(t.max_grad_norm)
+                self.step += 1
+                window.add(loss, tokens)
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == self.plan.total_steps:
+                    self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.last_tps:.0f}")
+                if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
+                    self.save()
+        finally:
+            bar.close()
         return Result(self.step, self.last_loss, self.last_tps, peak_mem_gib(self.runtime.device),
                       time.perf_counter() - start, self.resumed_from)
 
