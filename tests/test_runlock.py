@@ -83,3 +83,19 @@ def test_train_and_merge_of_a_running_run_exit_2(tmp_path, script, run_script):
     assert any(f"already running (pid {first.pid})" in line for line in second.stderr.splitlines()), second.stderr
     assert "ERROR" in second.stderr and time.monotonic() - started < 300, first_line
     assert sorted(p.name for p in tmp_path.iterdir()) == [".phase1a.lock", "phase1a.yaml"]  # nothing else made
+
+
+def test_read_only_output_folder_is_one_clear_error(tmp_path, run_script):
+    from tmpfs_util import mount_tmpfs, unmount
+
+    out = mount_tmpfs(tmp_path / "ro", 1 << 20)
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro", str(out)], capture_output=True).returncode != 0:
+            pytest.skip("cannot remount read-only here")
+        cfg = tmp_path / "phase1a.yaml"
+        cfg.write_text(f"name: phase1a\noutput_root: {out}\nbase_model: {tmp_path / 'no-base'}\n")
+        result = run_script("train_phase1a_fullprecision.py", "--phase", str(cfg), timeout=300)
+    finally:
+        unmount(out)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "ERROR: cannot write in the output folder" in result.stderr and "Traceback" not in result.stderr

@@ -31,9 +31,15 @@ def _holder(path: Path) -> str:
 
 def acquire(path: Path, what: str) -> int:
     """Open and lock `path` without waiting; returns the file descriptor. A held lock is a UserError (exit 2)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot write in the output folder {path.parent}: {err.strerror or err}",
+                            where=str(path.parent),
+                            fix="make it writable (mount options, permissions), or set output_root to a "
+                                "writable folder") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

@@ -122,9 +122,9 @@ def build_base(config: PhaseConfig, *, allow_unvalidated: bool = False) -> Base:
     """Resolve the base to a local folder, refusing quantized, unvalidated, changed or misreadable bases and
     unknown LoRA targets before any weight loads."""
     spec = config.base_model
-    refuse_quantized_base(spec)  # names like *-bnb-4bit are refused before anything else, even offline
     folder = hub.local_folder(spec)
     if folder is None:
+        refuse_quantized_base(spec)  # names like *-bnb-4bit are refused before anything else, even offline
         path = _fetch_hub_base(spec)
     elif not folder.is_dir():
         raise UserError(f"base model folder not found: {folder}", where="base_model",
