@@ -39,6 +39,7 @@ from cogumi.train.trainer import (
     export_adapter,
     finished_adapter,
     make_plan,
+    next_command,
     summary,
 )
 from cogumi.train.trainlog import TRAIN_LOG
@@ -64,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     lock = runlock.hold(config.run_dir.parent, config.name, f"training of {config.name}") if runtime.is_main \
         else nullcontext()
     with distributed.session(runtime), lock:  # torchrun (GPUS=N): one process per GPU; nothing to join with one
-        return train(config, runtime, args.phase, fresh=fresh, allow_unvalidated=allow_unvalidated,
+        return train(config, runtime, args.phase, args.overrides, fresh=fresh, allow_unvalidated=allow_unvalidated,
                      allow_changed=allow_changed)
 
 
-def train(config, runtime, phase: str, *, fresh: bool, allow_unvalidated: bool, allow_changed: bool) -> int:
+def train(config, runtime, phase: str, overrides: list[str], *, fresh: bool, allow_unvalidated: bool,
+          allow_changed: bool) -> int:
     log.info("config %s -> outputs in %s\n%s", phase, config.run_dir, _resolved_yaml(config))
     rows = read_data(config.data)  # a missing or malformed data file fails in seconds, not after a 16 GB download
     # Refuses quantized, unvalidated, changed-since-validated and misreadable bases, and unknown LoRA targets,
@@ -105,15 +107,15 @@ def train(config, runtime, phase: str, *, fresh: bool, allow_unvalidated: bool, 
     distributed.on_main(save_resolved, config, config.run_dir / "config.resolved.yaml")
     with sidecar(config) if runtime.is_main else nullcontext():  # one disk monitor per run, on rank 0
         result = trainer.fit()
-    distributed.on_main(finish, config, model, base, runtime, result)
+    distributed.on_main(finish, config, model, base, runtime, result, next_command(phase, overrides))
     return EXIT_OK
 
 
-def finish(config, model, base, runtime, result) -> None:
+def finish(config, model, base, runtime, result, next_step: str) -> None:
     """Rank 0: the adapter, the loss plot and the one-screen summary."""
     adapter = export_adapter(config, model, base, runtime, result)
     plot = plot_loss(config.run_dir / TRAIN_LOG, config.run_dir / "loss.png", title=config.name)
-    print(summary(config, result, adapter, plot))
+    print(summary(config, result, adapter, plot, next_step))
 
 
 def _resolved_yaml(config) -> str:

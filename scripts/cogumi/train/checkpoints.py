@@ -224,7 +224,7 @@ def _clean_scratch(run_dir: Path) -> None:
     for entry in sorted(Path(run_dir).iterdir()):
         if entry.is_dir() and not entry.is_symlink():
             if entry.name.startswith(TMP_PREFIX):
-                log.warning("removing %s left by an interrupted save (it never had a COMPLETE marker)", entry.name)
+                log.warning("removing %s left by an interrupted save (it never reached its final name)", entry.name)
                 _remove_tree(entry, "the unfinished temporary checkpoint")
             elif entry.name.startswith(TRASH_PREFIX):
                 _remove_tree(entry, "the retired checkpoint")

@@ -470,7 +470,13 @@ def finished_adapter(config: PhaseConfig, total_steps: int) -> dict | None:
     return None
 
 
-def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | None) -> str:
+def next_command(phase: str, overrides: list[str]) -> str:
+    """The merge command for this very run: the same PHASE and the same overrides (a changed `name` included)."""
+    args = f' ARGS="{" ".join(overrides)}"' if overrides else ""
+    return f"make merge PHASE={phase}{args}"
+
+
+def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | None, next_step: str) -> str:
     """The one-screen report printed at the end of a run."""
     run_dir = config.run_dir
     checkpoints = ", ".join(p.name for _, p in list_complete(run_dir)) or "none"
@@ -487,5 +493,5 @@ def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | Non
     ]
     if plot is not None:
         lines.append(f"  loss curve   {plot}")
-    lines.append(f"  next         make merge PHASE={config.name.removeprefix('phase')}")
+    lines.append(f"  next         {next_step}")
     return "\n".join(lines)

@@ -70,13 +70,19 @@ def _parse(path: Path) -> tuple[list[tuple[str, dict]], bool]:
 
 def truncate_log(path: Path, step: int) -> None:
     """Drop log rows written after the checkpoint we resume from (and a torn last line), so each step appears once."""
-    if not path.exists():
+    if not path.is_file():  # nothing logged yet (anything else in its place fails at the first append, loudly)
         return
     rows, torn = _parse(path)
     if torn:
         log.warning("%s: dropped a torn last line (an append that did not finish)", path.name)
     kept = [line for line, row in rows if row.get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    try:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    except OSError as err:  # the old log stays as it was: the rewrite goes to a temp name first
+        from cogumi.train.checkpoints import DiskStop
+
+        raise DiskStop(f"could not rewrite {path.name} for the resume: {err.strerror or err}", where=str(path),
+                       fix="free space on that filesystem, then run `make train` again") from err
 
 
 def read_log(path: Path) -> list[dict]:
