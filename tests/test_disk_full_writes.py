@@ -74,7 +74,8 @@ def test_adapter_export_on_a_full_disk_stops_cleanly_then_finishes(small_fs, tmp
     import torch
 
     from cogumi.train.model import Base, Runtime
-    from cogumi.train.trainer import Result, export_adapter
+    from cogumi.train.outputs import export_adapter
+    from cogumi.train.trainer import Result
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"name: run\noutput_root: {small_fs}\nbase_model: {tiny_model_dir}\n")
