@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-# Imported, not importorskip'd: an entry script that fails to import must fail this table, not skip it.
+# The entry scripts (benchmark, merge_adapter_fullprecision, train_phase1a_fullprecision) are imported plainly, not
+# with importorskip: one that fails to import must fail this table, not skip it.
 from benchmark import main as validate_main
 from merge_adapter_fullprecision import main as merge_main
 from safetensors.torch import load_file, save_file

@@ -45,8 +45,3 @@ def switch(name: str) -> bool:
     """The environment switch `name` (one of SWITCHES), parsed strictly."""
     default, _meaning = SWITCHES[name]
     return parse_bool(os.environ.get(name, default), name, where="environment / make variable")
-
-
-def describe() -> str:
-    """One line per switch, for `--help` texts and error fixes."""
-    return "\n".join(f"  {name}: {meaning}" for name, (_d, meaning) in SWITCHES.items())
