@@ -10,11 +10,17 @@ PHASE ?= 1a
 ARGS ?=
 FORCE ?= 0
 RESUME ?= 1
+ALLOW_UNVALIDATED ?= 0
+RESUME_CHANGED ?= 0
 GPUS ?= 1
 QUANT ?= nf4
 # The run folder's name: configs/phase1a.yaml -> phase1a, configs/demo.yaml -> demo.
 RUN_NAME = $(if $(wildcard configs/phase$(PHASE).yaml),phase$(PHASE),$(PHASE))
-export FORCE RESUME
+export FORCE RESUME ALLOW_UNVALIDATED RESUME_CHANGED
+# make reports every failed command as its own exit 2. The script's own code (0 done, 1 a check failed, 2 user error,
+# 3 disk stop: free space and rerun, 130 interrupted) is written to $(LAST_EXIT) for wrappers (README, "Exit codes").
+LAST_EXIT ?= .last_exit
+RUN = rc=0; $(1) || rc=$$?; echo $$rc > $(LAST_EXIT); exit $$rc
 
 # The lock: everything resolved as of this date, so transitive drift (pyarrow >= 21 needs numpy 2) cannot creep in.
 EXCLUDE_NEWER := 2024-08-01T00:00:00Z
@@ -27,7 +33,10 @@ export UV_VERSION
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
-	@echo "Variables: PHASE=1a|1b|demo  ARGS='train.max_steps=50 ...'  FORCE=1  RESUME=0  GPUS=N  QUANT=nf4|int8"
+	@echo "Variables: PHASE=1a|1b|demo  ARGS='train.max_steps=50 ...'  GPUS=N  QUANT=nf4|int8"
+	@echo "Switches:  FORCE=1 (replace an existing output)  RESUME=0 (train from scratch)"
+	@echo "           ALLOW_UNVALIDATED=1 (train on an unvalidated base)  RESUME_CHANGED=1 (resume across changed settings)"
+	@echo "Exit code of the last train/merge/validate/demo/quantize: $(LAST_EXIT) (make itself says 2 on any failure)"
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
@@ -50,21 +59,21 @@ check: ## self-check the installed stack against the lock, GPU, bf16, attention,
 	$(PY) scripts/check_env.py
 
 demo: ## the whole chain on a tiny model on CPU, in minutes (no download)
-	$(PY) scripts/demo.py $(ARGS)
+	@$(call RUN,$(PY) scripts/demo.py $(ARGS))
 
 # GPUS=N > 1 launches the same script under torchrun (DDP); the effective batch stays the config's (docs/MULTI_GPU.md).
 LAUNCH = $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
 train: ## train phase PHASE (resumes automatically; RESUME=0 starts fresh; GPUS=N: N GPUs with DDP)
-	$(LAUNCH) scripts/train_phase1a_fullprecision.py --phase $(PHASE) $(ARGS)
+	@$(call RUN,$(LAUNCH) scripts/train_phase1a_fullprecision.py --phase $(PHASE) $(ARGS))
 
 merge: ## merge PHASE's adapter into its bf16 base, shard by shard, verified
-	$(PY) scripts/merge_adapter_fullprecision.py --phase $(PHASE) $(ARGS)
+	@$(call RUN,$(PY) scripts/merge_adapter_fullprecision.py --phase $(PHASE) $(ARGS))
 
 validate: ## MATH and CODE win/tie/loss of PHASE's merged model against its baseline, gated
-	$(PY) scripts/benchmark.py --phase $(PHASE) $(ARGS)
+	@$(call RUN,$(PY) scripts/benchmark.py --phase $(PHASE) $(ARGS))
 
 quantize: ## after merge: a bitsandbytes QUANT=nf4|int8 copy of PHASE's merged model for deployment (GPU)
-	$(PY) scripts/quantize.py --phase $(PHASE) --quant $(QUANT) $(ARGS)
+	@$(call RUN,$(PY) scripts/quantize.py --phase $(PHASE) --quant $(QUANT) $(ARGS))
 
 monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json" for one reading (exit 0/10/20/30)
 	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/$(RUN_NAME) $(ARGS)

@@ -51,6 +51,7 @@ def main(argv=None) -> int:
              plan.baseline, " (stored samples)" if plan.baseline_stored else "", plan.tasks, plan.limit,
              v.max_new_tokens, v.batch_size)
     validate.warn_base_mismatch(plan, config)
+    weights = validate.verify_candidate(plan)  # every byte checked before anything is judged or stamped
     # Data first: a bad source or stored baseline fails in seconds, before minutes of model loading.
     problems = validate.build_problems(plan, v.seed)
     baseline_model, base_out = validate.build_baseline(plan, problems)
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     print(validate.one_screen(report, gate_results, paths["report.md"]))
     if not report["passed"]:
         return EXIT_FAILED
-    validate.stamp_validated(plan, report, paths["report.json"])
+    validate.stamp_validated(plan, report, paths["report.json"], weights)
     return EXIT_OK
 
 

@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 from cogumi.core.config import load_config, phase_config_path
-from cogumi.core.errors import EXIT_OK, run_main
+from cogumi.core.errors import EXIT_OK, UserError, run_main
 from cogumi.core.fsutil import aside_name, atomic_write_json
+from cogumi.core.integrity import verify_weights
 from cogumi.core.manifest import read_manifest, sha256_file
-from cogumi.core.stamp import VALIDATED_STAMP
+from cogumi.core.stamp import VALIDATED_STAMP, stamp_is_current
+from cogumi.core.switches import switch
 from cogumi.demo.tasks import corpus
 
 log = logging.getLogger("demo")
@@ -81,14 +83,22 @@ def run_step(label: str, script: str, args: list[str], **env: str) -> None:
 
 
 def merge_is_current(config) -> bool:
-    """The merged model exists and was made from the adapter now on disk."""
+    """The merged model exists, was made from the adapter now on disk, and its weights are whole and unchanged."""
     merged, adapter = read_manifest(config.merged_dir), config.adapter_dir / "adapter_model.safetensors"
-    return bool(merged and adapter.exists() and merged.get("adapter_hash") == sha256_file(adapter))
+    if not (merged and adapter.exists() and merged.get("adapter_hash") == sha256_file(adapter)):
+        return False
+    try:  # a truncated or overwritten shard is merged again, never reused (ISSUES_LOG B22)
+        verify_weights(config.merged_dir, merged.get("weights_sha256"), against="its manifest.json", fix="")
+    except UserError as err:
+        print(f"[demo] merge: {err.what}; merging again")
+        return False
+    return True
 
 
 def validation_is_current(config) -> bool:
-    stamp, manifest = config.merged_dir / VALIDATED_STAMP, config.merged_dir / "manifest.json"
-    return stamp.exists() and manifest.exists() and stamp.stat().st_mtime >= manifest.stat().st_mtime
+    """Stamped VALIDATED, and the weights are still the bytes the stamp vouches for."""
+    manifest = config.merged_dir / "manifest.json"
+    return manifest.exists() and stamp_is_current(config.merged_dir)
 
 
 def summary(config) -> str:
@@ -117,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                else Path(config_path).parents[1] / config.base_model,
                Path(config_path).parents[1] / config.data.train_path)
     run_step("train", "train_phase1a_fullprecision.py", step_args)  # resumes or reports a finished run itself
-    if merge_is_current(config) and os.environ.get("FORCE") != "1":
+    redo = switch("FORCE")
+    if merge_is_current(config) and not redo:
         print(f"\n[demo] merge: {config.merged_dir} was made from this adapter; reusing it")
     else:
         # A merged folder from an older demo adapter is stale: FORCE=1 moves it aside (never deletes it).
         run_step("merge", "merge_adapter_fullprecision.py", step_args, FORCE="1")
-    if validation_is_current(config) and os.environ.get("FORCE") != "1":
+    if validation_is_current(config) and not redo:
         print(f"[demo] validate: {config.merged_dir} already carries its {VALIDATED_STAMP} stamp; reusing it")
     else:
         run_step("validate", "benchmark.py", step_args)

@@ -6,18 +6,20 @@
 
 Reads checkpoints/<name>/adapter/ and writes checkpoints/<name>_merged/ (weights, tokenizer, config,
 manifest.json, merge_report.json). Exit codes: 0 merged (and verified), 1 verification failed (output kept
-aside as <out>.failed-<stamp>), 2 refused before anything was written (quantized base, lineage, disk, ...).
+aside as <out>.failed-<stamp>), 2 refused before anything was written (quantized base, lineage, disk, another
+training or merge of the same run holding its lock, ...). FORCE is parsed by cogumi.core.switches.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 
+from cogumi.core import runlock
 from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.errors import EXIT_FAILED, EXIT_OK, run_main
 from cogumi.core.manifest import sha256_json
+from cogumi.core.switches import switch
 from cogumi.merge import stream
 
 log = logging.getLogger("merge")
@@ -32,13 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_job(args: argparse.Namespace) -> stream.MergeJob:
-    config = load_config(phase_config_path(args.phase), args.overrides)
+def build_job(config, args: argparse.Namespace) -> stream.MergeJob:
     return stream.MergeJob(
         base_model=config.base_model, adapter_dir=config.adapter_dir, out_dir=config.merged_dir,
         verify=config.merge.verify and not args.no_verify, verify_prompts=config.merge.verify_prompts,
         max_abs_diff=config.merge.max_abs_diff, min_top1_agreement=config.merge.min_top1_agreement,
-        force=os.environ.get("FORCE", "0") == "1", margin_bytes=config.disk.margin_mb << 20,
+        force=switch("FORCE"), margin_bytes=config.disk.margin_mb << 20,
         config_hash=sha256_json(config.to_dict()),
     )
 
@@ -56,8 +57,11 @@ def summarize(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    job = build_job(args)
-    report = stream.run_merge(job)
+    config = load_config(phase_config_path(args.phase), args.overrides)
+    job = build_job(config, args)
+    # One process per run: a merge while the same run trains or merges would read or replace half-written files.
+    with runlock.hold(config.run_dir.parent, config.name, f"training or merge of {config.name}"):
+        report = stream.run_merge(job)
     summarize(report)
     return EXIT_OK if report["passed"] else EXIT_FAILED
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.errors import EXIT_USER_ERROR, UserError, run_main
 from cogumi.core.fsutil import move_aside
+from cogumi.core.switches import switch
 from cogumi.merge.quantize import QUANTS, check_source, quantize, quantized_dir
 
 log = logging.getLogger("quantize")
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     check_source(merged)
     out = quantized_dir(merged, args.quant)
     if out.exists():
-        if os.environ.get("FORCE") != "1":
+        if not switch("FORCE"):
             raise UserError(f"{out} already exists", where=str(out),
                             fix="pass FORCE=1 to replace it (the old one is moved aside, not deleted)")
         log.info("moved the old output aside to %s", move_aside(out))

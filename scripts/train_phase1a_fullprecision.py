@@ -5,11 +5,14 @@
     python scripts/train_phase1a_fullprecision.py --phase 1b train.learning_rate=1e-4
     make train PHASE=1a GPUS=2      # torchrun --standalone --nproc_per_node 2: DDP, same effective batch (MULTI_GPU.md)
 
-Environment: RESUME=0 moves an existing run folder aside and starts fresh (nothing is deleted); FORCE=1 lets a base
-without its VALIDATED stamp through (recorded in the adapter's manifest) and a changed config resume a checkpoint.
+Switches (environment or make variables, cogumi.core.switches): RESUME=0 starts fresh (the existing run folder is
+moved aside once every check passed; nothing is deleted); ALLOW_UNVALIDATED=1 trains on a merged base without its
+VALIDATED stamp (recorded in the adapter's manifest); RESUME_CHANGED=1 resumes a checkpoint saved with different
+training settings (the changed keys are logged). One run of a phase at a time (cogumi.core.runlock).
 
-The name is the original project's; it trains every phase. Exit codes: 0 done, 2 user error, 3 disk stop (resumable);
-under torchrun a failed rank makes torchrun exit 1 (the rank's own message and code are in its log).
+The name is the original project's; it trains every phase. Exit codes: 0 done, 2 user error (nothing changed on
+disk), 3 disk stop (resumable), 130 interrupted (Ctrl-C or SIGTERM; resumable); under torchrun a failed rank makes
+torchrun exit 1 (the rank's own message and code are in its log).
 """
 
 from __future__ import annotations
@@ -17,22 +20,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 from contextlib import nullcontext
 
+from cogumi.core import runlock
 from cogumi.core.config import load_config, phase_config_path, save_resolved
 from cogumi.core.errors import EXIT_OK, run_main
+from cogumi.core.switches import switch
 from cogumi.core.tracking import track_phase
+from cogumi.evaluate.pairing import check_gates
 from cogumi.train import distributed
 from cogumi.train.data import encode_data, read_data
 from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
 from cogumi.train.fastpath import fast_path
 from cogumi.train.layout import choose_layout, read_saved_layout
 from cogumi.train.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
-from cogumi.train.outputs import export_adapter, finished_adapter, summary
+from cogumi.train.outputs import export_adapter, finished_adapter, next_command, summary
 from cogumi.train.packed_attention import packed_attention
 from cogumi.train.plots import plot_loss
-from cogumi.train.trainer import Trainer, make_plan, prepare_run_dir
+from cogumi.train.trainer import Trainer, choose_resume, claim_run_dir, make_plan
 from cogumi.train.trainlog import TRAIN_LOG
 
 log = logging.getLogger("train")
@@ -45,28 +50,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def env_flag(name: str, default: str) -> bool:
-    return os.environ.get(name, default).strip() not in {"", "0", "false", "no"}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    force, fresh = env_flag("FORCE", "0"), not env_flag("RESUME", "1")
+    fresh, allow_changed = not switch("RESUME"), switch("RESUME_CHANGED")
+    allow_unvalidated = switch("ALLOW_UNVALIDATED")
     config = load_config(phase_config_path(args.phase), args.overrides)
+    check_gates(config.validate.gates, list(config.validate.tasks), source=f"{args.phase}: validate.gates")
     runtime = resolve_runtime(config.train, packing=config.data.packing)
+    # One run of a phase at a time: rank 0 holds the lock for the whole run (torchrun's ranks are one run).
+    lock = runlock.hold(config.run_dir.parent, config.name, f"training of {config.name}") if runtime.is_main \
+        else nullcontext()
     # Fused kernels patch model classes, so they go on before any model is built, and come off at the end.
-    with distributed.session(runtime), fast_path(config.train.liger, runtime.device.type) as applied:
-        return train(config, dataclasses.replace(runtime, fast_path=applied), args.phase, force=force, fresh=fresh)
+    with distributed.session(runtime), lock, fast_path(config.train.liger, runtime.device.type) as applied:
+        return train(config, dataclasses.replace(runtime, fast_path=applied), args.phase, args.overrides,
+                     fresh=fresh, allow_unvalidated=allow_unvalidated, allow_changed=allow_changed)
 
 
-def train(config, runtime, phase: str, *, force: bool, fresh: bool) -> int:
+def train(config, runtime, phase: str, overrides: list[str], *, fresh: bool, allow_unvalidated: bool,
+          allow_changed: bool) -> int:
     log.info("config %s -> outputs in %s\n%s", phase, config.run_dir, _resolved_yaml(config))
     rows = read_data(config.data)  # a missing or malformed data file fails in seconds, not after a 16 GB download
-    base = build_base(config, force=force)  # refuses quantized / unvalidated bases before any weight loads
-    # After the guards, so a refused run moves nothing aside. Rank 0 alone touches the run folder and picks the
-    # checkpoint; every rank resumes from the path it broadcasts.
-    resume_from = distributed.on_main(prepare_run_dir, config, fresh=fresh)
-    distributed.on_main(save_resolved, config, config.run_dir / "config.resolved.yaml")
+    # Refuses quantized, unvalidated, changed-since-validated and misreadable bases, and unknown LoRA targets,
+    # before any weight loads.
+    base = build_base(config, allow_unvalidated=allow_unvalidated)
+    # Rank 0 alone picks the checkpoint; every rank resumes from the path it broadcasts. Nothing is moved or
+    # written until every check below passed (claim_run_dir): a refused run changes nothing on disk.
+    resume_from = distributed.on_main(choose_resume, config, fresh=fresh)
     tokenizer = build_tokenizer(base)
     encoded = encode_data(config.data, rows, tokenizer, seed=config.train.seed)
     # The step count depends on the data size and the effective batch only, so it is known before the model loads.
@@ -80,10 +89,12 @@ def train(config, runtime, phase: str, *, force: bool, fresh: bool) -> int:
     model = build_model(config, base, runtime)
     # Packed rows: the model's attention layers take per-example segments (undone when training ends).
     with packed_attention(model, runtime.packed_kernel) if runtime.packed_kernel else nullcontext():
-        return fit(config, model, base, runtime, encoded, plan, resume_from, force=force)
+        return fit(config, model, base, runtime, encoded, plan, resume_from, fresh=fresh, allow_changed=allow_changed,
+                   next_step=next_command(phase, overrides))
 
 
-def fit(config, model, base, runtime, encoded, plan, resume_from, *, force: bool) -> int:
+def fit(config, model, base, runtime, encoded, plan, resume_from, *, fresh: bool, allow_changed: bool,
+        next_step: str) -> int:
     # The layout (micro-batch, accumulation, checkpointed layers) may come from a memory probe of the model, and
     # the batch stream needs it: model, then layout, then batches.
     layout = choose_layout(config, model, runtime, plan.effective_batch, encoded, saved=read_saved_layout(resume_from))
@@ -95,20 +106,22 @@ def fit(config, model, base, runtime, encoded, plan, resume_from, *, force: bool
                         merged_bytes_estimate=base.weights_bytes)
     trainer = Trainer(config, model, batches, runtime, plan, layout, checkpoint_estimate=estimate)
     if resume_from is not None:
-        trainer.resume(resume_from, force=force)
+        trainer.resume(resume_from, allow_changed=allow_changed)  # the last check; it cuts the log back
+    distributed.on_main(claim_run_dir, config, fresh=fresh, resuming=resume_from is not None)
+    distributed.on_main(save_resolved, config, config.run_dir / "config.resolved.yaml")
     # One disk monitor and one tracker per run, on rank 0; the tracker starts where a resume left off.
     with sidecar(config) if runtime.is_main else nullcontext(), \
             track_phase(config, enabled=runtime.is_main, start_step=trainer.step) as tracker:
         result = trainer.fit(tracker)
-    distributed.on_main(finish, config, model, base, runtime, result)
+    distributed.on_main(finish, config, model, base, runtime, result, next_step)
     return EXIT_OK
 
 
-def finish(config, model, base, runtime, result) -> None:
+def finish(config, model, base, runtime, result, next_step: str) -> None:
     """Rank 0: the adapter, the loss plot and the one-screen summary."""
     adapter = export_adapter(config, model, base, runtime, result)
     plot = plot_loss(config.run_dir / TRAIN_LOG, config.run_dir / "loss.png", title=config.name)
-    print(summary(config, result, adapter, plot))
+    print(summary(config, result, adapter, plot, next_step))
 
 
 def _resolved_yaml(config) -> str:

@@ -61,9 +61,9 @@ def tiny_sharded_bf16_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def env(monkeypatch):
-    """The environment without the switches a user may have exported (FORCE, RESUME); monkeypatch to set more."""
-    monkeypatch.delenv("FORCE", raising=False)
-    monkeypatch.delenv("RESUME", raising=False)
+    """The environment without the switches a user may have exported; monkeypatch to set more."""
+    for name in ("FORCE", "RESUME", "ALLOW_UNVALIDATED", "RESUME_CHANGED"):
+        monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cogumi.core.integrity import weights_sha256
 from cogumi.demo import tasks as demo_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,13 @@ def test_demo_runs_the_whole_chain_passes_its_gate_and_reuses_on_a_second_run(tm
     assert "already finished" in said
     assert "merge: " in said and "reusing it" in said
     assert "already carries its VALIDATED stamp" in said
+
+    # A shard cut short after validation is never reused as merged or as validated: merged and validated again.
+    shard = sorted(merged.glob("model-*.safetensors"))[0]
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size - 4096)
+    third = run_script("demo.py", "--root", str(root), timeout=1200)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert "merging again" in third.stdout and "gates: all passed, VALIDATED" in third.stdout
+    stamp = json.loads((merged / "VALIDATED").read_text())
+    assert stamp["weights_sha256"] == weights_sha256(merged)

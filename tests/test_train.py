@@ -49,7 +49,7 @@ def test_short_run_lowers_loss_and_writes_every_output(tmp_path, tiny_base, memo
     manifest = read_manifest(out / "adapter")
     assert manifest["kind"] == "adapter" and manifest["trained_on_quantized"] is False
     assert manifest["base_model"] == str(tiny_base) and manifest["base_fingerprint"]
-    assert manifest["force_warning"] is None and manifest["lora"]["r"] == 8 and manifest["dtype"] == "float32"
+    assert manifest["allowed_unvalidated"] is None and manifest["lora"]["r"] == 8 and manifest["dtype"] == "float32"
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_base)
     summary = capsys.readouterr().out
@@ -143,24 +143,27 @@ def test_missing_previous_phase_is_reported_as_missing_not_looked_up():
     if (REPO_ROOT / config.base_model).exists():
         pytest.skip("a real phase1a_merged exists in this checkout")
     with pytest.raises(UserError, match="base model folder not found"):
-        build_base(config, force=False)
+        build_base(config)
 
 
 # ---------------------------------------------------------------- VALIDATED stamp of a previous phase
 
 
-def test_unvalidated_merged_base_refused_and_force_recorded(tmp_path, tiny_base, memorised_data, env):
+def test_unvalidated_merged_base_refused_and_allow_unvalidated_recorded(tmp_path, tiny_base, memorised_data, env):
     merged = _copy_model(tiny_base, tmp_path / "models" / "phase1a_merged")
     write_manifest(merged, "merged", base_model="tiny")
     cfg = write_config(tmp_path, merged, memorised_data, name="phase1b", train={"max_steps": 2})
     with pytest.raises(UserError) as err:
         train_main(["--phase", str(cfg)])
-    assert "VALIDATED" in err.value.render() and "FORCE=1" in err.value.render()
+    assert "VALIDATED" in err.value.render() and "ALLOW_UNVALIDATED=1" in err.value.render()
+    env.setenv("FORCE", "1")  # FORCE only replaces outputs: it no longer admits an unvalidated base
+    with pytest.raises(UserError, match="VALIDATED"):
+        train_main(["--phase", str(cfg)])
 
-    env.setenv("FORCE", "1")
+    env.setenv("ALLOW_UNVALIDATED", "yes")
     assert train_main(["--phase", str(cfg)]) == 0
-    warning = read_manifest(run_dir(cfg) / "adapter")["force_warning"]
-    assert warning and "VALIDATED" in warning and "FORCE=1" in warning
+    warning = read_manifest(run_dir(cfg) / "adapter")["allowed_unvalidated"]
+    assert warning and "VALIDATED" in warning and "ALLOW_UNVALIDATED=1" in warning
 
 
 # ---------------------------------------------------------------- exact resume
@@ -241,8 +244,15 @@ def test_changed_settings_do_not_silently_resume(tmp_path, tiny_base, memorised_
     cfg = write_config(tmp_path, tiny_base, memorised_data, train={"max_steps": 4})
     assert train_main(["--phase", str(cfg)]) == 0
     shutil.rmtree(run_dir(cfg) / "adapter")
-    with pytest.raises(UserError, match="different training settings"):
+    resolved = run_dir(cfg) / "config.resolved.yaml"
+    before = resolved.read_bytes(), resolved.stat().st_mtime_ns
+    with pytest.raises(UserError, match="different training settings") as err:
         train_main(["--phase", str(cfg), "train.learning_rate=1e-3"])
+    assert "train.learning_rate: 0.005 -> 0.001" in err.value.what and "RESUME_CHANGED=1" in err.value.fix
+    assert (resolved.read_bytes(), resolved.stat().st_mtime_ns) == before  # a refused resume rewrites nothing
+    env.setenv("RESUME_CHANGED", "1")
+    assert train_main(["--phase", str(cfg), "train.learning_rate=1e-3"]) == 0
+    assert load_config(resolved).train.learning_rate == 1e-3
 
 
 def test_packing_checkpointing_and_rslora_train(tmp_path, tiny_base, memorised_data, env):

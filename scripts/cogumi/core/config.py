@@ -16,8 +16,10 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from cogumi.core.confcheck import check_values
 from cogumi.core.errors import UserError
 from cogumi.core.paths import CONFIG_DIR, REPO_ROOT
+from cogumi.core.switches import parse_bool
 from cogumi.core.tracking import parse_report_to
 
 
@@ -60,7 +62,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # false: no activation checkpointing at all
     checkpoint_layers: Any = "all"  # with checkpointing on: all | auto (GPU memory probe) | <number of layers>
     memory_budget_gib: float | None = None  # auto's budget per GPU; null: 90% of the card
-    liger: str = "auto"  # fused Liger kernels: auto = on where installed and on a GPU
+    liger: str = "auto"  # fused kernels: auto = on where installed and on a GPU; on; off
     log_every: int = 10
     device: str = "auto"
     report_to: Any = "none"  # none | tensorboard | wandb | a list: views of train_log.jsonl (cogumi.core.tracking)
@@ -180,6 +182,7 @@ def _build(cls, values: dict, source: str, prefix: str = ""):
     return cls(**kwargs)
 
 
+AUTO_ON_OFF = {"train.liger"}  # switches with a third value, auto
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -187,6 +190,17 @@ def _check_type(value, hint, key: str, source: str):
     """Accept the YAML value when it fits the annotation; ints pass for floats."""
     text = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
     names = set(text.split(" | "))
+    if key in AUTO_ON_OFF and value is not None:
+        # YAML reads `off`/`no`/`false` as False: the documented train.liger=off must mean off, not an error.
+        if value == "auto":
+            return value
+        try:
+            return "on" if parse_bool(value, key, f"{source}: {key}") else "off"
+        except UserError:
+            raise UserError(f"'{key}' must be auto, on or off, got {value!r}", where=f"{source}: {key}",
+                            fix=f"e.g. {key}=auto (also true/false, yes/no, 1/0)") from None
+    if names & {"bool"} and not isinstance(value, bool) and value is not None:
+        return parse_bool(value, key, f"{source}: {key}")
     if value is None:
         if "None" in names or "Any" in names:
             return None
@@ -219,7 +233,12 @@ def parse_overrides(items: list[str]) -> dict:
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise UserError(f"override '{item}': the value is not valid YAML ({getattr(err, 'problem', err)})",
+                            where=f"command line: {key.strip()}",
+                            fix="quote it or close its brackets, e.g. lora.target_modules=[q_proj,v_proj]") from None
     return nested
 
 
@@ -249,6 +268,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> PhaseCo
     values = _merge(raw, parse_overrides(overrides or []))
     config = _build(PhaseConfig, values, str(path))
     _check_combinations(config, str(path))
+    check_values(config, str(path))
     return config
 
 
@@ -268,9 +288,6 @@ def _check_combinations(config: PhaseConfig, source: str) -> None:
     if config.train.micro_batch_size < 1 or config.train.grad_accum < 1:
         raise UserError("train.micro_batch_size and train.grad_accum must be at least 1", where=source,
                         fix="e.g. micro_batch_size: 4, grad_accum: 4 (effective batch 16)")
-    if config.train.dtype not in {"auto", "bfloat16", "float32", "float16"}:
-        raise UserError(f"train.dtype '{config.train.dtype}' is not a training dtype", where=source,
-                        fix="use auto, bfloat16 or float32; quantized training is refused by design")
 
 
 def _check_checkpointing(train: TrainConfig, source: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -11,6 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the work ran and its result is bad (a gate failed, verification failed)
 EXIT_USER_ERROR = 2  # bad input or environment: nothing was changed on disk
 EXIT_DISK_STOP = 3  # stopped cleanly before the disk filled; resumable
+EXIT_INTERRUPTED = 130  # Ctrl-C or SIGTERM: stopped; nothing half-written under a final name; run again to continue
 
 
 class UserError(Exception):
@@ -40,12 +42,21 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     # peft imports bitsandbytes, whose CPU build warns about missing GPU kernels on every CPU run; the stack
     # never quantizes for training, and `make quantize` says itself when there is no GPU.
     logging.getLogger("bitsandbytes.cextension").setLevel(logging.ERROR)
+    # SIGTERM (a scheduler, `kill`, torchrun stopping a rank) takes the same path as Ctrl-C: the `finally` blocks
+    # that remove temporary folders run, and one line says how to continue (ISSUES_LOG B24).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = main(argv)
     except UserError as err:
         print(err.render(), file=sys.stderr)
         code = err.exit_code
     except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        code = 130
+        print("Interrupted: stopped cleanly, nothing half-written is kept under a final name; run the same command "
+              "again to continue (training resumes from its newest complete checkpoint).", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     sys.exit(code)
+
+
+def _interrupt(signum, _frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise KeyboardInterrupt

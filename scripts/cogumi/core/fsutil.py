@@ -86,11 +86,17 @@ def iter_jsonl(path: Path, *, fix: str):
 
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad = raw[err.start:err.start + 1]
+                raise UserError(f"line {lineno} is not UTF-8 text (byte {err.start + 1} is {bad!r})", where=where,
+                                fix="save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:

@@ -180,6 +180,9 @@ def read_baseline_samples(path: Path) -> dict[tuple[str, str], dict]:
                         fix="give a model folder, or a samples.jsonl from an earlier `make validate`")
     rows = {}
     for where, row in iter_jsonl(path, fix="each line must be one JSON object"):
+        if not isinstance(row, dict):
+            raise UserError(f"baseline sample is a JSON {type(row).__name__}, not an object", where=where,
+                            fix="each line must be one object {task, id, output}")
         output = row.get("output")
         if output is None and isinstance(row.get("candidate"), dict):
             output = row["candidate"].get("output")

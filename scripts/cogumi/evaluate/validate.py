@@ -14,7 +14,8 @@ from pathlib import Path
 from cogumi.core.config import PhaseConfig, resolve_path
 from cogumi.core.errors import UserError
 from cogumi.core.hub import check_room, download, local_folder
-from cogumi.core.manifest import read_manifest, weights_fingerprint
+from cogumi.core.integrity import verify_weights
+from cogumi.core.manifest import read_manifest
 from cogumi.core.stamp import VALIDATED_STAMP, write_stamp
 from cogumi.evaluate.generate import generate, load_model, unload
 from cogumi.evaluate.pairing import check_gates, describe_gate, outcome, summarize, unreachable
@@ -84,6 +85,20 @@ def _task_source(task: str, spec, source: str) -> dict:
         return {"source": spec["source"], "subset": spec.get("subset")}
     raise UserError(f"validate.data.{task} must be a source name, a JSONL path or {{source, subset}}",
                     where=f"{source}: validate.data.{task}", fix=f"e.g. data: {{{task}: {TASKS[task].default_source}}}")
+
+
+def verify_candidate(plan: Plan) -> dict[str, str]:
+    """The candidate's weight files, checked whole against its manifest before anything is judged; their hashes.
+
+    A truncated or overwritten shard is a one-screen error here, never a verdict and never a stamp.
+    """
+    recorded = (read_manifest(plan.candidate) or {}).get("weights_sha256")
+    if recorded is None:
+        log.warning("%s: its manifest has no weights_sha256 (merged before whole-file hashes): checking the shards' "
+                    "structure only; the stamp records the hashes of the files judged now", plan.candidate)
+    return verify_weights(plan.candidate, recorded, against="its manifest.json (the merge)",
+                          fix=f"merge again: `FORCE=1 make merge PHASE={plan.phase.removeprefix('phase')}` (the "
+                              "damaged folder is moved aside)")
 
 
 def build_problems(plan: Plan, seed: int) -> dict:
@@ -163,13 +178,12 @@ def build_report(plan: Plan, config: PhaseConfig, summaries: dict, gate_results:
     }
 
 
-def stamp_validated(plan: Plan, report: dict, report_json: Path) -> None:
-    """VALIDATED: what passed, against what, and a fingerprint of the weights it vouches for."""
+def stamp_validated(plan: Plan, report: dict, report_json: Path, weights: dict[str, str]) -> None:
+    """VALIDATED: what passed, against what, and the whole-file hashes of the weights it vouches for."""
     write_stamp(plan.candidate, {
         "time": report["created"], "report": str(report_json), "baseline": plan.baseline,
         "n": {t: s["n"] for t, s in report["tasks"].items()}, "gates": report["gates"],
-        "weights_fingerprint": weights_fingerprint(plan.candidate),
-    })
+    }, weights_sha256=weights)
 
 
 def warn_base_mismatch(plan: Plan, config: PhaseConfig) -> None:

@@ -149,7 +149,7 @@ def _room_check(run_dir: Path, step: int, need_one: int, margin_bytes: int, sour
     )
 
 
-def _looks_like_disk_full(err: BaseException, free_now: int, margin_bytes: int) -> bool:
+def looks_like_disk_full(err: BaseException, free_now: int, margin_bytes: int) -> bool:
     """Was a failed write caused by a full disk?
 
     errno says so for OSError; safetensors wraps it as 'os error 28' text; torch.save on a full disk raises only
@@ -224,7 +224,7 @@ def _clean_scratch(run_dir: Path) -> None:
     for entry in sorted(Path(run_dir).iterdir()):
         if entry.is_dir() and not entry.is_symlink():
             if entry.name.startswith(TMP_PREFIX):
-                log.warning("removing %s left by an interrupted save (it never had a COMPLETE marker)", entry.name)
+                log.warning("removing %s left by an interrupted save (it never reached its final name)", entry.name)
                 _remove_tree(entry, "the unfinished temporary checkpoint")
             elif entry.name.startswith(TRASH_PREFIX):
                 _remove_tree(entry, "the retired checkpoint")
@@ -268,7 +268,7 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], *, 
         free_now = free_bytes(run_dir)  # before cleanup, while the failed write still occupies the disk
         if tmp.exists():
             _remove_tree(tmp, "the failed temporary checkpoint")
-        if isinstance(err, Exception) and _looks_like_disk_full(err, free_now, margin_bytes):
+        if isinstance(err, Exception) and looks_like_disk_full(err, free_now, margin_bytes):
             latest = latest_complete(run_dir)
             resume = f"resumable from {latest.name}" if latest else "no complete checkpoint yet"
             raise DiskStop(

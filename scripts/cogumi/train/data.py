@@ -100,17 +100,33 @@ def to_messages(row, where: str) -> list[dict]:
             raise UserError("'messages' must be a non-empty list", where=where, fix=ROW_FORMAT)
         for i, msg in enumerate(messages):
             if not (isinstance(msg, dict) and msg.get("role") in ROLES and isinstance(msg.get("content"), str)):
-                raise UserError(f"message {i} needs a role in {sorted(ROLES)} and a string content, got {msg!r:.80}",
-                                where=where, fix=ROW_FORMAT)
+                raise UserError(f"message {i} needs a role in {sorted(ROLES)} and a string content, got "
+                                + _describe_message(msg), where=where, fix=ROW_FORMAT)
         if not any(m["role"] == "assistant" for m in messages):
             raise UserError("the row has no assistant message, so nothing to learn", where=where, fix=ROW_FORMAT)
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return _refuse_empty_answers([{"role": m["role"], "content": m["content"]} for m in messages], where)
     if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
         system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-        return system + [{"role": "user", "content": row["prompt"]},
-                         {"role": "assistant", "content": row["response"]}]
+        return _refuse_empty_answers(system + [{"role": "user", "content": row["prompt"]},
+                                               {"role": "assistant", "content": row["response"]}], where)
     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
     raise UserError(f"malformed row (keys: {keys})", where=where, fix=ROW_FORMAT)
+
+
+def _describe_message(msg) -> str:
+    """The role and the content's type first: a long content must not hide the role being complained about."""
+    if not isinstance(msg, dict):
+        return f"a {type(msg).__name__}"
+    return f"role {msg.get('role')!r} and content of type {type(msg.get('content')).__name__}"
+
+
+def _refuse_empty_answers(messages: list[dict], where: str) -> list[dict]:
+    """An empty assistant content trains on the end-of-turn token alone: it teaches the model to say nothing."""
+    for i, msg in enumerate(messages):
+        if msg["role"] == "assistant" and not msg["content"].strip():
+            raise UserError(f"message {i} (assistant) has empty content: this row would teach the model to answer "
+                            "with nothing", where=where, fix="remove the row or give it its answer")
+    return messages
 
 
 # ---------------------------------------------------------------- formatting and labels

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from cogumi.core import hub
+from cogumi.core.basecompat import check_target_modules, refuse_incompatible_base
 from cogumi.core.config import LoraConfig, PhaseConfig, TrainConfig
 from cogumi.core.errors import UserError
 from cogumi.core.guards import refuse_quantized_base
@@ -53,7 +54,7 @@ class Base:
     spec: str  # as written in the config
     path: Path  # local folder
     fingerprint: str | None
-    force_warning: str | None  # set when FORCE=1 overrode a missing VALIDATED stamp
+    unvalidated_warning: str | None  # set when ALLOW_UNVALIDATED=1 admitted a base without its VALIDATED stamp
 
     @property
     def weights_bytes(self) -> int:
@@ -112,12 +113,13 @@ def _resolve_attention(name: str, device: torch.device, packing: bool) -> str:
 # ---------------------------------------------------------------- base model: guards before weights
 
 
-def build_base(config: PhaseConfig, *, force: bool) -> Base:
-    """Resolve the base to a local folder, refusing quantized or unvalidated bases before any weight loads."""
+def build_base(config: PhaseConfig, *, allow_unvalidated: bool = False) -> Base:
+    """Resolve the base to a local folder, refusing quantized, unvalidated, changed or misreadable bases and
+    unknown LoRA targets before any weight loads."""
     spec = config.base_model
-    refuse_quantized_base(spec)  # names like *-bnb-4bit are refused before anything else, even offline
     folder = hub.local_folder(spec)
     if folder is None:
+        refuse_quantized_base(spec)  # names like *-bnb-4bit are refused before anything else, even offline
         path = _fetch_hub_base(spec)
     elif not folder.is_dir():
         raise UserError(f"base model folder not found: {folder}", where="base_model",
@@ -125,11 +127,13 @@ def build_base(config: PhaseConfig, *, force: bool) -> Base:
                             "or fix base_model in the config")
     else:
         path = folder
+    refuse_incompatible_base(path)  # files there, config readable, not a transformers-5 format 4.43 would misread
     refuse_quantized_base(path)  # config.json quantization_config, packed integer dtypes in safetensors headers
-    warning = require_validated(path, force=force)
+    warning = require_validated(path, allow_unvalidated=allow_unvalidated)  # stamped weights still the same bytes
     if warning:
-        log.warning("FORCE=1: %s; this is recorded in the adapter's manifest", warning)
-    return Base(spec=spec, path=path, fingerprint=weights_fingerprint(path), force_warning=warning)
+        log.warning("ALLOW_UNVALIDATED=1: %s; this is recorded in the adapter's manifest", warning)
+    check_target_modules(config.lora.target_modules, path)
+    return Base(spec=spec, path=path, fingerprint=weights_fingerprint(path), unvalidated_warning=warning)
 
 
 def _fetch_hub_base(repo_id: str) -> Path:

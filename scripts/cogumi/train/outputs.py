@@ -1,14 +1,16 @@
-"""What a finished run leaves: the adapter with its manifest, the no-op check for a finished run, the summary."""
+"""What a finished run leaves: the adapter folder (written then renamed, safe on a full disk), the check that a
+run already finished, and the one-screen summary."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from cogumi.core.config import PhaseConfig
-from cogumi.core.fsutil import move_aside
+from cogumi.core.fsutil import free_bytes, move_aside
 from cogumi.core.manifest import sha256_json
-from cogumi.train.checkpoints import list_complete
+from cogumi.train.checkpoints import DiskStop, list_complete, looks_like_disk_full
 from cogumi.train.model import Runtime
 from cogumi.train.trainer import ADAPTER_WEIGHTS, Result, training_hash
 from cogumi.train.trainlog import TRAIN_LOG
@@ -19,27 +21,42 @@ log = logging.getLogger(__name__)
 def export_adapter(config: PhaseConfig, model, base, runtime: Runtime, result: Result) -> Path:
     """adapter/ = peft's adapter_config.json + adapter_model.safetensors + manifest.json, written then renamed.
 
-    An adapter already there (an earlier finished run) is moved aside, never overwritten.
+    An adapter already there (an earlier finished run) is moved aside, never overwritten. A full disk stops with
+    DiskStop (exit 3) and removes the temporary folder: nothing half-written stays behind, and `make train` again
+    exports from the final checkpoint once there is room (ISSUES_LOG B20).
     """
-    from cogumi.core.manifest import sha256_file, write_manifest
-    from cogumi.train.model import lora_record
-
     final = config.adapter_dir
     tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        move_aside(tmp, "incomplete")
-    model.save_pretrained(tmp, safe_serialization=True)
-    write_manifest(tmp, "adapter", base_model=config.base_model, base_path=str(base.path),
-                   base_fingerprint=base.fingerprint, dtype=str(runtime.dtype).replace("torch.", ""),
-                   config_hash=sha256_json(config.to_dict()), training_hash=training_hash(config),
-                   adapter_hash=sha256_file(tmp / ADAPTER_WEIGHTS), lora=lora_record(config.lora),
-                   trained_on_quantized=False, force_warning=base.force_warning, steps=result.steps,
-                   final_loss=result.final_loss)
+    if tmp.exists():  # only this function makes it: the leftover of a killed export, never a user's file
+        shutil.rmtree(tmp)
+    try:
+        _write_adapter(tmp, config, model, base, runtime, result)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # the error that matters is `err`; the cleanup is best effort
+        if isinstance(err, Exception) and looks_like_disk_full(err, free_bytes(final.parent), 0):
+            raise DiskStop(f"the disk filled while exporting the final adapter; nothing was kept ({err})",
+                           where=str(final.parent.absolute()),
+                           fix="free some space on that filesystem, then run the same `make train` again: it "
+                               "exports from the final checkpoint without training again") from err
+        raise
     if final.exists():
         aside = move_aside(final, "old")
         log.info("moved the previous adapter aside to %s", aside)
     tmp.rename(final)
     return final
+
+
+def _write_adapter(folder: Path, config: PhaseConfig, model, base, runtime: Runtime, result: Result) -> None:
+    from cogumi.core.manifest import sha256_file, write_manifest
+    from cogumi.train.model import lora_record
+
+    model.save_pretrained(folder, safe_serialization=True)
+    write_manifest(folder, "adapter", base_model=config.base_model, base_path=str(base.path),
+                   base_fingerprint=base.fingerprint, dtype=str(runtime.dtype).replace("torch.", ""),
+                   config_hash=sha256_json(config.to_dict()), training_hash=training_hash(config),
+                   adapter_hash=sha256_file(folder / ADAPTER_WEIGHTS), lora=lora_record(config.lora),
+                   trained_on_quantized=False, allowed_unvalidated=base.unvalidated_warning, steps=result.steps,
+                   final_loss=result.final_loss)
 
 
 def finished_adapter(config: PhaseConfig, total_steps: int) -> dict | None:
@@ -52,7 +69,13 @@ def finished_adapter(config: PhaseConfig, total_steps: int) -> dict | None:
     return None
 
 
-def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | None) -> str:
+def next_command(phase: str, overrides: list[str]) -> str:
+    """The merge command for this very run: the same PHASE and the same overrides (a changed `name` included)."""
+    args = f' ARGS="{" ".join(overrides)}"' if overrides else ""
+    return f"make merge PHASE={phase}{args}"
+
+
+def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | None, next_step: str) -> str:
     """The one-screen report printed at the end of a run."""
     run_dir = config.run_dir
     checkpoints = ", ".join(p.name for _, p in list_complete(run_dir)) or "none"
@@ -72,5 +95,5 @@ def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | Non
     ]
     if plot is not None:
         lines.append(f"  loss curve   {plot}")
-    lines.append(f"  next         make merge PHASE={config.name.removeprefix('phase')}")
+    lines.append(f"  next         {next_step}")
     return "\n".join(lines)

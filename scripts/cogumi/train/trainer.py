@@ -106,33 +106,68 @@ def make_plan(config: PhaseConfig, rows: int, tokens: int = 0) -> Plan:
                 config.data.packing)
 
 
-def training_hash(config: PhaseConfig) -> str:
-    """Identity of what is trained: a checkpoint is only resumed by a run with the same one."""
+def training_settings(config: PhaseConfig) -> dict:
+    """What is trained: base, data, LoRA and the train.* keys that change the result (not speed or memory)."""
     values = config.to_dict()
     picked = {k: values[k] for k in ("base_model", "data", "lora", "train")}
     picked["train"] = {k: v for k, v in picked["train"].items() if k not in _NOT_TRAINING["train"]}
     picked["train"]["effective_batch"] = effective_batch(config)
-    return sha256_json(picked)
+    return picked
+
+
+def training_hash(config: PhaseConfig) -> str:
+    """Identity of what is trained: a checkpoint is only resumed by a run with the same one."""
+    return sha256_json(training_settings(config))
+
+
+def changed_keys(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two settings dicts, e.g. ['train.learning_rate: 0.0002 -> 0.001']."""
+    out = []
+    for key in sorted(set(saved) | set(now), key=str):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 # ---------------------------------------------------------------- run folder and resume choice
 
 
-def prepare_run_dir(config: PhaseConfig, *, fresh: bool) -> Path | None:
-    """The checkpoint to resume from (the newest COMPLETE one), or None; RESUME=0 moves an old run aside first."""
+def choose_resume(config: PhaseConfig, *, fresh: bool) -> Path | None:
+    """The checkpoint to resume from (the newest COMPLETE one), or None. Changes nothing on disk.
+
+    RESUME=0 resumes nothing; the old run is moved aside later, by claim_run_dir, once every check passed.
+    """
     run_dir = config.run_dir
-    if fresh and run_dir.exists():
-        aside = move_aside(run_dir, "old")
-        log.info("RESUME=0: moved the previous run %s aside to %s (nothing deleted)", run_dir, aside)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh or not run_dir.is_dir():
+        return None
     checkpoint = latest_complete(run_dir)
-    ignored = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir()
-                     and p not in {path for _, path in list_complete(run_dir)})
+    complete = {path for _, path in list_complete(run_dir)}
+    ignored = sorted(p.name for p in run_dir.glob("checkpoint-*") if p.is_dir() and p not in complete)
     if ignored:
         log.warning("ignoring %s: no COMPLETE marker (an interrupted save)", ", ".join(ignored))
     if checkpoint is not None:
         log.info("resume: continuing from %s (the newest complete checkpoint; RESUME=0 starts fresh)", checkpoint)
     return checkpoint
+
+
+def claim_run_dir(config: PhaseConfig, *, fresh: bool, resuming: bool) -> Path:
+    """The run folder, ready for writing; RESUME=0 moves the previous one aside first (nothing is deleted).
+
+    Called after every check passed, so a refused run (exit 2) has moved nothing (ISSUES_LOG B24). A run that
+    starts at step 0 in a folder whose earlier attempt stopped before its first checkpoint drops that attempt's log
+    rows, so each step is logged once.
+    """
+    run_dir = config.run_dir
+    if fresh and run_dir.exists():
+        aside = move_aside(run_dir, "old")
+        log.info("RESUME=0: moved the previous run %s aside to %s (nothing deleted)", run_dir, aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        truncate_log(run_dir / TRAIN_LOG, 0)
+    return run_dir
 
 
 # ---------------------------------------------------------------- RNG and state
@@ -206,7 +241,8 @@ class Trainer:
         self.model.save_pretrained(folder / "adapter", safe_serialization=True)
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "data": self.batches.state_dict(),
-                 "training_hash": training_hash(self.config), "total_steps": self.plan.total_steps,
+                 "training_hash": training_hash(self.config),
+                 "training_settings": training_settings(self.config), "total_steps": self.plan.total_steps,
                  "world_size": self.layout.world_size}
         torch.save(state, folder / STATE_FILE)
         for rank, rng in enumerate(rng_states):
@@ -230,7 +266,7 @@ class Trainer:
 
         return distributed.on_main(write)
 
-    def resume(self, checkpoint: Path, *, force: bool = False) -> None:
+    def resume(self, checkpoint: Path, *, allow_changed: bool = False) -> None:
         """Restore everything a checkpoint holds; the next step is exactly the one the saved run would take.
 
         Every rank reads the same complete checkpoint (rank 0 chose it and broadcast the path).
@@ -239,7 +275,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
-        self._check_compatible(state, checkpoint, force)
+        self._check_compatible(state, checkpoint, allow_changed)
         weights = load_file(checkpoint / "adapter" / ADAPTER_WEIGHTS, device=str(self.runtime.device))
         result = set_peft_model_state_dict(self.model, weights)
         missing = [k for k in result.unexpected_keys if "lora_" in k]
@@ -269,18 +305,24 @@ class Trainer:
                             "weights carry over exactly, the random streams (LoRA dropout) start afresh",
                             checkpoint.name, saved_world, self.layout.world_size)
 
-    def _check_compatible(self, state: dict, checkpoint: Path, force: bool) -> None:
+    def _check_compatible(self, state: dict, checkpoint: Path, allow_changed: bool) -> None:
         same = state.get("training_hash") == training_hash(self.config)
         if same and state.get("total_steps") == self.plan.total_steps:
             return
-        message = (f"{checkpoint} was saved by a run with different training settings (data, LoRA, train.*, the "
-                   "effective batch or the step count changed)")
-        if not force:
+        message = f"{checkpoint} was saved by a run with different training settings"
+        keys = changed_keys(state["training_settings"], training_settings(self.config)) \
+            if "training_settings" in state else []
+        if state.get("total_steps") != self.plan.total_steps:
+            keys.append(f"total steps: {state.get('total_steps')} -> {self.plan.total_steps}")
+        message += ": " + ("; ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+                           if keys else "data, LoRA, train.*, the effective batch or the step count changed "
+                                        "(this checkpoint predates the list of keys)")
+        if not allow_changed:
             raise UserError(message, where=str(checkpoint),
                             fix="undo the change, or RESUME=0 to start fresh (the old run is moved aside), or "
-                                "FORCE=1 to continue anyway")
+                                "RESUME_CHANGED=1 to continue from it anyway")
         if self.runtime.is_main:
-            log.warning("FORCE=1: %s; continuing from it anyway", message)
+            log.warning("RESUME_CHANGED=1: %s; continuing from it anyway", message)
 
     # -- the loop
 
@@ -293,19 +335,21 @@ class Trainer:
         bar = tqdm(total=self.plan.total_steps, initial=self.step, desc=self.config.name, unit="step",
                    disable=not self.runtime.is_main, dynamic_ncols=True)
         self.engine.train()
-        while self.step < self.plan.total_steps:
-            loss, counts = self._optimizer_step(t.max_grad_norm)
-            self.step += 1
-            flops = self.sizes.flops(counts.tokens, counts.squared_lengths)
-            window.add(loss, counts, flops)
-            self.run_counts, self.run_flops = self.run_counts + counts, self.run_flops + flops
-            bar.update(1)
-            if self.step % t.log_every == 0 or self.step == self.plan.total_steps:
-                self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
-                bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.last_tps:.0f}")
-            if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
-                self.save()
-        bar.close()
+        try:  # the bar ends its line however the loop ends, so a stop message starts on a line of its own
+            while self.step < self.plan.total_steps:
+                loss, counts = self._optimizer_step(t.max_grad_norm)
+                self.step += 1
+                flops = self.sizes.flops(counts.tokens, counts.squared_lengths)
+                window.add(loss, counts, flops)
+                self.run_counts, self.run_flops = self.run_counts + counts, self.run_flops + flops
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == self.plan.total_steps:
+                    self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.last_tps:.0f}")
+                if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
+                    self.save()
+        finally:
+            bar.close()
         seconds = time.perf_counter() - start
         counts = self.run_counts
         return Result(self.step, self.last_loss, counts.tokens * self.layout.world_size / seconds if counts.tokens
