@@ -121,7 +121,7 @@ def build_random_adapter(base_dir: Path, adapter_dir: Path, *, r: int = 16, alph
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from cogumi.core.manifest import weights_fingerprint, write_manifest
+    from cogumi.core.manifest import sha256_file, weights_fingerprint, write_manifest
 
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def build_random_adapter(base_dir: Path, adapter_dir: Path, *, r: int = 16, alph
     write_manifest(adapter_dir, "adapter", base_model=str(base_dir), base_path=str(base_dir),
                    base_fingerprint=weights_fingerprint(base_dir), dtype="float32",
                    lora={"r": r, "alpha": alpha, "rslora": False, "target_modules": list(LINEAR)},
-                   trained_on_quantized=False)
+                   trained_on_quantized=False, adapter_hash=sha256_file(adapter_dir / "adapter_model.safetensors"))
     return adapter_dir
 
 

@@ -76,11 +76,15 @@ def encode_prompts(model_dir: Path, count: int) -> list[torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = []
     for text in PROMPTS[: max(1, count)]:
+        # Render to text, then tokenize: what apply_chat_template returns when it tokenizes has changed across
+        # transformers versions (a list of ids, then an Encoding or a dict), its rendered text has not.
         if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already has the BOS
         else:
             ids = tokenizer(text)["input_ids"]
-        encoded.append(torch.tensor([ids]))
+        encoded.append(torch.tensor([list(ids)], dtype=torch.long))
     return encoded
 
 
