@@ -19,7 +19,7 @@ from cogumi.core.errors import EXIT_FAILED, UserError
 from cogumi.core.manifest import read_manifest, sha256_file, weights_fingerprint, write_manifest
 from cogumi.core.safetensors_io import read_header, tensor_entries, weight_files
 from cogumi.demo.tiny import save_tiny_model
-from cogumi.merge import plan, stream
+from cogumi.merge import plan
 from cogumi.merge.stream import MergeJob, run_merge
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -53,7 +53,7 @@ def make_adapter(base_dir: Path, adapter_dir: Path, *, base_name: str | None = N
 
 def job(base_dir: Path, adapter_dir: Path, out_dir: Path, **kwargs) -> MergeJob:
     return MergeJob(base_model=str(base_dir), adapter_dir=adapter_dir, out_dir=out_dir,
-                    verify=kwargs.pop("verify", False), margin_bytes=0, **kwargs)
+                    verify=kwargs.pop("verify", False), margin_bytes=kwargs.pop("margin_bytes", 0), **kwargs)
 
 
 def peft_merged_state(base_dir: Path, adapter_dir: Path, dtype=torch.float32) -> dict:
@@ -121,6 +121,8 @@ def test_fp32_merge_equals_peft_and_leaves_the_rest_byte_identical(fp32_sharded,
     manifest = read_manifest(out)
     assert manifest["kind"] == "merged" and manifest["dtype"] == "F32" and manifest["verified"] == "skipped"
     assert manifest["base_fingerprint"] == weights_fingerprint(fp32_sharded)
+    assert manifest["weights_sha256"] == {p.name: sha256_file(p) for p in [*weight_files(out),
+                                                                           out / "model.safetensors.index.json"]}
     assert json.loads((out / "merge_report.json").read_text())["verification"]["skipped"] is True
 
 
