@@ -38,7 +38,7 @@ class Generation:
     texts: list[str]  # in the order of the prompts given
     new_tokens: int  # generated tokens, up to and including each row's stop token
     wall_s: float  # prefill and decoding of every batch; model loading and graph recording excluded
-    path: str = "generate"  # "generate" (transformers, dynamic cache) or "static+graphs"
+    path: str = "generate"  # "generate" (transformers, dynamic cache), "static+cuda-graphs" or "static" (CPU)
     batch_size: int = 0
     setup_s: float = 0.0  # one-time cost of the fast path for this model and length: recording its graphs
 
@@ -179,7 +179,8 @@ def _generate_fast(loaded: LoadedModel, ids: list, order: list[int], max_new_tok
         for i, answer in zip(rows, answers, strict=True):
             new_tokens += len(answer)
             texts[i] = tok.decode(answer, skip_special_tokens=True).strip()
-    return Generation(texts=texts, new_tokens=new_tokens, wall_s=wall, path="static+graphs", batch_size=batch,
+    path = "static+cuda-graphs" if loaded.device.startswith("cuda") else "static"
+    return Generation(texts=texts, new_tokens=new_tokens, wall_s=wall, path=path, batch_size=batch,
                       setup_s=decoder.capture_s - setup_before)
 
 
