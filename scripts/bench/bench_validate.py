@@ -113,8 +113,16 @@ def speed(loaded, prompts: list[str], batch: int, max_new: int) -> dict:
 
 
 def full_run(loaded, prompts: list[str], max_new: int, load_s: float) -> dict:
+    import gc
+
+    import torch
+
     from cogumi.evaluate.generate import generate
 
+    loaded.decoders.clear()  # the earlier tests' caches: the batch is sized from the memory free now
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     gen = generate(loaded, prompts, max_new_tokens=max_new, batch_size=64, fast=True)
     per_model = gen.wall_s + gen.setup_s
     return {**gen.stats(), "validate_gpu_s_estimate": round(2 * (per_model + load_s), 1),

@@ -158,7 +158,12 @@ def _slot(model, decoder: Decoder, rows: int, device) -> _Slot:
                      mask=torch.zeros(rows, decoder.max_len, dtype=torch.long, device=device))
         if device.type == "cuda":
             started = time.perf_counter()
-            _capture(model, slot)
+            try:
+                _capture(model, slot)
+            except RuntimeError as err:  # an op this transformers runs cannot be captured: decode without graphs
+                log.warning("decode step could not be captured as a CUDA graph (%s); decoding without it",
+                            str(err).splitlines()[0])
+                slot.graph = None
             decoder.capture_s += time.perf_counter() - started
             log.info("decode step for batch %d x %d tokens captured as a CUDA graph in %.1f s", rows,
                      decoder.max_len, time.perf_counter() - started)
