@@ -160,7 +160,8 @@ def child_streaming(base: str, adapter: str, out: str, device: str, verify: bool
 
     report = run_merge(MergeJob(base_model=base, adapter_dir=Path(adapter), out_dir=Path(out), verify=verify,
                                 force=True, margin_bytes=0, device=device))
-    return {"passed": report["passed"], "merge_s": report["merge_seconds"], "verification": report["verification"]}
+    return {"passed": report["passed"], "merge_s": report["merge_seconds"], "seconds": report["seconds"],
+            "verification": report["verification"]}
 
 
 def child_peft(base: str, adapter: str, out: str, device: str, shard: str) -> dict:

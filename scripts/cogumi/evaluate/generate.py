@@ -153,7 +153,7 @@ def _generate_fast(loaded: LoadedModel, ids: list, order: list[int], max_new_tok
                    progress: _Progress) -> Generation:
     import torch
 
-    from cogumi.evaluate import fastdecode
+    from cogumi.evaluate import fastdecode, gqa_attention
 
     tok = loaded.tokenizer
     max_len = fastdecode.run_length([len(x) for x in ids], max_new_tokens)
@@ -161,6 +161,8 @@ def _generate_fast(loaded: LoadedModel, ids: list, order: list[int], max_new_tok
         batch = fastdecode.batch_size_for_memory(loaded.model, max_len, len(ids[order[0]]), loaded.device,
                                                  limit=len(ids) if loaded.device.startswith("cuda") else 8)
     batch = max(1, min(batch, len(ids)))
+    if not loaded.decoders:
+        gqa_attention.install(loaded.model)  # before any graph is recorded: the graphs hold the grouped step
     decoder = loaded.decoders.setdefault((batch, max_len), fastdecode.Decoder(batch=batch, max_len=max_len))
     setup_before = decoder.capture_s
     log.info("fast decoding: batches of %d rows, cache of %d tokens", batch, max_len)

@@ -58,6 +58,7 @@ def run_merge(job: MergeJob) -> dict:
                            job.margin_bytes)
     log.info("merge: %s + %s -> %s (%d shards, %d tensors updated)", job.base_model, adapter.path, out_dir,
              len(shards), len(updates))
+    checked = time.perf_counter()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     with outputs.removed_on_failure(tmp, out_dir, "writing the merged shards"):
@@ -67,6 +68,7 @@ def run_merge(job: MergeJob) -> dict:
         if (tmp / INDEX).exists():
             written.sha256[INDEX] = sha256_file(tmp / INDEX)
     report = _base_report(job, shards, updates, started)
+    report["seconds"] = {"checks": round(checked - started, 3), "write": round(time.perf_counter() - checked, 3)}
     return _verify_and_place(job, adapter, base_dir, fingerprint, tmp, report, written.sha256, started)
 
 
