@@ -23,7 +23,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench-train bench-ddp bench-merge bench-quantize test lint bundle quantize
+.PHONY: help setup lock check demo train merge validate monitor bench-train bench-ddp bench-merge bench-validate bench-quantize test lint bundle quantize
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -84,6 +84,9 @@ bench-ddp: ## 2+ GPUs: 8B-shape step on 1 GPU vs DDP on 2 (scaling per GPU) and 
 
 bench-merge: ## merge benchmark: streaming merge vs peft merge_and_unload (random 0.85B; ARGS="--size 8b --device cuda")
 	$(PY) scripts/bench/bench_merge.py $(ARGS)
+
+bench-validate: ## GPU: validation decoding, transformers generate vs the fast path (8B shape), full-run GPU time
+	$(PY) scripts/bench/bench_validate.py $(ARGS)
 
 bench-quantize: ## GPU: size, load time and generation speed of bf16 vs nf4/int8 on real Llama shapes
 	$(PY) scripts/bench/bench_quantize.py $(ARGS)

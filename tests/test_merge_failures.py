@@ -169,3 +169,13 @@ def test_ctrl_c_during_the_merge_removes_the_partial_output_then_the_same_merge_
     rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert read_manifest(out)["verified"] is True
+
+
+def test_verification_tolerance_grows_with_depth_and_still_catches_a_wrong_scale():
+    from cogumi.merge.verify import default_tolerance
+
+    # the 8B shape on an H200 (ISSUES_LOG B8): a correct merge differed by 0.2325 at logit scale 7.62, 32 layers;
+    # the adapter itself moved the logits by 6.02
+    assert default_tolerance("BF16", 7.62, 32) > 0.2325 > default_tolerance("BF16", 7.62, 2)
+    assert default_tolerance("BF16", 7.62, 32) < 6.02 / 10
+    assert default_tolerance("F32", 7.62, 32) == default_tolerance("F32", 7.62, 2)

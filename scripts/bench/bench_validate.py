@@ -115,7 +115,7 @@ def speed(loaded, prompts: list[str], batch: int, max_new: int, skip: set) -> di
     return rows
 
 
-def full_run(loaded, prompts: list[str], max_new: int, load_s: float) -> dict:
+def full_run(loaded, prompts: list[str], max_new: int, load_s: float, total_prompts: int) -> dict:
     import gc
 
     import torch
@@ -127,10 +127,10 @@ def full_run(loaded, prompts: list[str], max_new: int, load_s: float) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     gen = generate(loaded, prompts, max_new_tokens=max_new, batch_size=64, fast=True)
-    per_model = gen.wall_s + gen.setup_s
+    per_model = gen.wall_s * total_prompts / len(prompts) + gen.setup_s  # --limit: scaled to every prompt
     return {**gen.stats(), "validate_gpu_s_estimate": round(2 * (per_model + load_s), 1),
-            "estimate_counts": "2 models x (decode + graph recording + an assumed load of "
-                               f"{load_s:.0f} s); judging runs on the CPU"}
+            "estimate_counts": f"2 models x (decode of all {total_prompts} prompts at the measured rate + graph "
+                               f"recording + an assumed load of {load_s:.0f} s); judging runs on the CPU"}
 
 
 def versions() -> dict:
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         print(json.dumps({"speed": result["speed"]}), flush=True)
     if "full" not in skip:
         load_s = LOAD_S_8B if args.size == "8b" else 0.0
-        result["full"] = full_run(loaded, prompts[: args.limit], args.max_new_tokens, load_s)
+        result["full"] = full_run(loaded, prompts[: args.limit], args.max_new_tokens, load_s, len(prompts))
         print(json.dumps({"full": result["full"]}), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -2,7 +2,7 @@
 
 transformers 4.43's Llama sdpa attention expands K and V from 8 to 32 heads (`repeat_kv`) at every step: with a
 static cache that is a copy of the whole cache, 4x over, per layer and per token, and it was most of the decode
-step on the 8B shape (ISSUES_LOG B11). Here, for a one-token step into a StaticCache only, the query heads that
+step on the 8B shape (ISSUES_LOG B9). Here, for a one-token step into a StaticCache only, the query heads that
 share a KV head are laid out as that head's query rows, so the same sdpa call reads each cached K/V once.
 Every other call (prefill, training, transformers' own generate with its dynamic cache) runs the original code.
 """

@@ -35,7 +35,7 @@ PROMPTS = [
 # Default allowed max |logit difference|, as a fraction of the largest reference logit per sqrt(layer), by base
 # dtype. The one rounding of W + delta per merged weight adds noise in every layer, so it grows with depth like a
 # random walk: measured 0.2-0.8 % on 2-layer models and 3.05 % on the 32-layer 8B shape (where the former flat 3 %
-# failed a correct merge: ISSUES_LOG B10). bf16: 1 % x sqrt(layers) = 1.4 % at 2 layers, 5.7 % at 32; a wrong
+# failed a correct merge: ISSUES_LOG B8). bf16: 1 % x sqrt(layers) = 1.4 % at 2 layers, 5.7 % at 32; a wrong
 # scale, a transposed delta or a dropped module moves logits by the adapter's whole effect (79 % of the scale on
 # that 8B bench), and top-1 agreement at decisive positions is checked beside it.
 DEFAULT_RELATIVE_TOLERANCE = {"F32": 1e-5, "BF16": 0.01, "F16": 0.002}
