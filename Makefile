@@ -23,7 +23,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench-train bench-ddp bench-merge bench-validate bench-quantize test lint bundle quantize
+.PHONY: help setup lock check demo train merge validate monitor bench-train bench-ddp bench-merge bench-validate bench-quantize test lint bundle quantize rehearse
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -63,6 +63,9 @@ validate: ## MATH and CODE win/tie/loss of PHASE's merged model against its base
 
 quantize: ## after merge: a bitsandbytes QUANT=nf4|int8 copy of PHASE's merged model for deployment (GPU)
 	$(PY) scripts/quantize.py --phase $(PHASE) --quant $(QUANT) $(ARGS)
+
+rehearse: ## every step of PHASE for a few minutes (real base and data, temp folder), then the run card
+	$(PY) scripts/rehearse.py --phase $(PHASE) $(ARGS)
 
 monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json" for one reading (exit 0/10/20/30)
 	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/$(RUN_NAME) $(ARGS)
