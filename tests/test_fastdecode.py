@@ -42,3 +42,19 @@ def test_cache_sizes_halve_down_to_one():
     decoder = fastdecode.Decoder(batch=64, max_len=128)
     assert [decoder.size_for(n) for n in (64, 33, 32, 17, 9, 5, 3, 2, 1)] == [64, 64, 32, 32, 16, 8, 4, 2, 1]
     assert fastdecode.run_length([10, 70], 100) == 192
+
+
+def test_progress_counts_every_row_once_as_it_finishes(loaded):
+    import torch
+
+    tok = loaded.tokenizer
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS[:5]]
+    enc = tok(chats, add_special_tokens=False, padding=True, return_tensors="pt")
+    calls = []
+    decoder = fastdecode.Decoder(batch=8, max_len=fastdecode.run_length([enc["input_ids"].shape[1]], 12))
+    answers = fastdecode.decode_batch(loaded.model, decoder, enc["input_ids"], enc["attention_mask"], 12,
+                                      loaded.stop_ids, on_step=lambda live, done: calls.append((live, done)))
+    assert len(answers) == 5 and all(0 < len(a) <= 12 for a in answers)
+    assert sum(done for _, done in calls) == 5  # each row counted once, when it stops (or at the cut)
+    assert len(calls) > 2 and torch.is_tensor(enc["input_ids"])  # progress moved during the batch, not only after
