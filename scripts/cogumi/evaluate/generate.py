@@ -92,22 +92,17 @@ def end_of_turn_ids(generation_config, tokenizer) -> list[int]:
 
 def unload(loaded: LoadedModel) -> None:
     """Free the GPU before the next model loads (two 8B models at once need 32 GB)."""
-    import gc
-
-    import torch
-
     loaded.model = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _free_decoders(loaded)  # static caches and graphs: tens of GB at a large batch
 
 
 def generate(loaded: LoadedModel, prompts: list[str], *, max_new_tokens: int, batch_size: int,
              desc: str = "generate", fast: bool | None = None, fast_batch: int | None = None) -> Generation:
     """Greedy answers to `prompts`, in their order, with a progress bar; timing covers generation only.
 
-    fast (default: on a GPU) decodes with fastdecode in batches of `fast_batch` rows (default: as many as the free
-    GPU memory holds, batch_size on a CPU); the simple path uses `batch_size`."""
+    fast (default: on a GPU) decodes with fastdecode in batches of `fast_batch` rows (default: on a GPU as many as
+    the free memory holds, on a CPU `batch_size`); the simple path uses `batch_size`. A loaded model keeps its
+    caches and recorded graphs for the next call with the same length (the next task's prompts get new ones)."""
     tok = loaded.tokenizer
     chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
@@ -118,7 +113,9 @@ def generate(loaded: LoadedModel, prompts: list[str], *, max_new_tokens: int, ba
     fast = loaded.device.startswith("cuda") if fast is None else fast
     with _Progress(len(prompts), desc) as progress:
         if fast:
-            return _generate_fast(loaded, ids, order, max_new_tokens, fast_batch, progress)
+            on_gpu = loaded.device.startswith("cuda")
+            return _generate_fast(loaded, ids, order, max_new_tokens, fast_batch or (None if on_gpu else batch_size),
+                                  progress)
         return _generate_simple(loaded, ids, order, max_new_tokens, batch_size, progress)
 
 
@@ -157,12 +154,14 @@ def _generate_fast(loaded: LoadedModel, ids: list, order: list[int], max_new_tok
 
     tok = loaded.tokenizer
     max_len = fastdecode.run_length([len(x) for x in ids], max_new_tokens)
-    if batch is None:
-        batch = fastdecode.batch_size_for_memory(loaded.model, max_len, len(ids[order[0]]), loaded.device,
-                                                 limit=len(ids) if loaded.device.startswith("cuda") else 8)
-    batch = max(1, min(batch, len(ids)))
     if not loaded.decoders:
         gqa_attention.install(loaded.model)  # before any graph is recorded: the graphs hold the grouped step
+    if batch is None and not any(length == max_len for _, length in loaded.decoders):
+        _free_decoders(loaded)  # another task's caches: the batch is sized from the memory they held too
+    if batch is None:
+        batch = next((b for b, length in loaded.decoders if length == max_len), None) or \
+            fastdecode.batch_size_for_memory(loaded.model, max_len, len(ids[order[0]]), loaded.device, len(ids))
+    batch = max(1, min(batch, len(ids)))
     decoder = loaded.decoders.setdefault((batch, max_len), fastdecode.Decoder(batch=batch, max_len=max_len))
     setup_before = decoder.capture_s
     log.info("fast decoding: batches of %d rows, cache of %d tokens", batch, max_len)
@@ -184,6 +183,17 @@ def _generate_fast(loaded: LoadedModel, ids: list, order: list[int], max_new_tok
     path = "static+cuda-graphs" if loaded.device.startswith("cuda") else "static"
     return Generation(texts=texts, new_tokens=new_tokens, wall_s=wall, path=path, batch_size=batch,
                       setup_s=decoder.capture_s - setup_before)
+
+
+def _free_decoders(loaded: LoadedModel) -> None:
+    import gc
+
+    import torch
+
+    loaded.decoders.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class _Progress:

@@ -68,7 +68,8 @@ def run_merge(job: MergeJob) -> dict:
         if (tmp / INDEX).exists():
             written.sha256[INDEX] = sha256_file(tmp / INDEX)
     report = _base_report(job, shards, updates, started)
-    report["seconds"] = {"checks": round(checked - started, 3), "write": round(time.perf_counter() - checked, 3)}
+    report["seconds"] = {"checks": round(checked - started, 3), "write": round(time.perf_counter() - checked, 3),
+                         "write_stages_summed_over_shards": {k: round(v, 3) for k, v in written.seconds.items()}}
     return _verify_and_place(job, adapter, base_dir, fingerprint, tmp, report, written.sha256, started)
 
 
@@ -92,13 +93,11 @@ def _verify_and_place(job, adapter, base_dir, fingerprint, tmp: Path, report: di
     out_dir = Path(job.out_dir)
     try:
         report["verification"] = _verification(job, adapter, base_dir, tmp, report["dtype"])
-    except KeyboardInterrupt:
-        with outputs.removed_on_failure(tmp, out_dir, "verifying the merge"):
-            raise
     except BaseException as err:
-        if outputs.is_disk_full(err, out_dir.parent):
+        if isinstance(err, KeyboardInterrupt) or outputs.is_disk_full(err, out_dir.parent):
             with outputs.removed_on_failure(tmp, out_dir, "verifying the merge"):
                 raise
+        # a crash (out of memory, a bug): the merged weights may be fine, so they are kept when there is room
         outputs.keep_aside(tmp, out_dir, job.margin_bytes, f"verification crashed ({type(err).__name__})")
         raise
     report["passed"] = report["verification"]["passed"] is not False

@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,7 +41,11 @@ MAX_PARALLEL_SHARDS = 4  # each in-flight shard holds a few tensors in memory
 class Written:
     consumed: set[str]  # adapter keys merged
     sha256: dict[str, str]  # shard file name -> sha256 of the whole file as written
+    # seconds summed over shards (they overlap in time): where the write step's time goes
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
 
+
+STAGES = ("read", "merge", "hash", "write", "flush")
 
 class Stopped(Exception):
     """Another shard's writer failed (or Ctrl-C): this one stopped early; its file is incomplete."""
@@ -69,14 +74,16 @@ def stream_merge(shards: list[Shard], updates: dict[str, Update], adapter: Adapt
             wait(futures)
             raise
     for shard, future in zip(shards, futures, strict=True):
-        consumed, digest = future.result()
+        consumed, digest, seconds = future.result()
         written.consumed |= consumed
         written.sha256[shard.path.name] = digest
+        for stage, value in seconds.items():
+            written.seconds[stage] += value
     return written
 
 
 def _write_shard(shard: Shard, out_path: Path, updates: dict, adapter: Adapter, device: str,
-                 stop: threading.Event, bar) -> tuple[set, str]:
+                 stop: threading.Event, bar) -> tuple[set, str, dict]:
     from safetensors import safe_open
 
     consumed: set[str] = set()
@@ -93,15 +100,22 @@ def _write_shard(shard: Shard, out_path: Path, updates: dict, adapter: Adapter, 
                 if update is None:
                     _copy_bytes(src, writer, start, stop_at - start)
                 else:
-                    merged = merged_tensor(_read_tensor(src, shard, name), update, tensors, device)
+                    t0 = time.perf_counter()
+                    weight = _read_tensor(src, shard, name)
+                    t1 = time.perf_counter()
+                    merged = merged_tensor(weight, update, tensors, device)
+                    writer.seconds["read"] += t1 - t0
+                    writer.seconds["merge"] += time.perf_counter() - t1
                     if merged.numel():
                         writer.write(merged.reshape(-1).view(torch.uint8).numpy())
                     consumed.update(update.keys)
                 bar.update(stop_at - start)
         finally:
             writer.close()
+        t0 = time.perf_counter()
         os.fsync(dst.fileno())  # before the folder is renamed: its name must never point at unflushed data
-    return consumed, writer.hexdigest()
+        writer.seconds["flush"] += time.perf_counter() - t0
+    return consumed, writer.hexdigest(), writer.seconds
 
 
 @contextmanager
@@ -124,6 +138,7 @@ class _HashingWriter:
     def __init__(self, fh, depth: int = 2):
         self.fh, self.depth, self.pending = fh, depth, deque()
         self.digest, self.unflushed = hashlib.sha256(), 0
+        self.seconds = dict.fromkeys(STAGES, 0.0)  # "read"/"merge" are the caller's; the rest this writer's
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-writer")
 
     def write(self, data) -> None:
@@ -132,13 +147,19 @@ class _HashingWriter:
             self.pending.popleft().result()  # re-raises a failed write (disk full) here, in the merge
 
     def _write(self, data) -> None:
+        t0 = time.perf_counter()
         self.digest.update(data)
+        t1 = time.perf_counter()
         self.fh.write(data)
+        t2 = time.perf_counter()
+        self.seconds["hash"] += t1 - t0
+        self.seconds["write"] += t2 - t1
         self.unflushed += len(data)
         if self.unflushed >= FLUSH_EVERY:
             self.fh.flush()
             os.fdatasync(self.fh.fileno())
             self.unflushed = 0
+            self.seconds["flush"] += time.perf_counter() - t2
 
     def hexdigest(self) -> str:
         return self.digest.hexdigest()
@@ -155,7 +176,9 @@ class _HashingWriter:
 def _copy_bytes(src, writer: _HashingWriter, offset: int, length: int) -> None:
     src.seek(offset)
     while length:
+        t0 = time.perf_counter()
         chunk = src.read(min(length, COPY_CHUNK))  # a fresh buffer each time: the writer may still hold the last
+        writer.seconds["read"] += time.perf_counter() - t0
         if not chunk:
             raise UserError(f"{src.name} ended early", where=src.name, fix="re-download or re-create the base")
         writer.write(chunk)
