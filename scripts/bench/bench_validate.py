@@ -53,8 +53,9 @@ def build_tokenizer(vocab_size: int):
 
 def build_model(size: str, tokenizer, device: str):
     import torch
-    from bench_merge import llama_config
     from transformers import LlamaForCausalLM
+
+    from cogumi.demo.shapes import llama_config
 
     config = llama_config(size)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -145,7 +146,7 @@ def versions() -> dict:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="8b", help="model shape from bench_merge.SIZES (8b, 0.9b, test)")
+    parser.add_argument("--size", default="8b", help="model shape from cogumi.demo.shapes.SIZES (8b, 0.9b, test)")
     parser.add_argument("--device", default=None, help="default: cuda when there is one")
     parser.add_argument("--batch", type=int, default=64, help="batch of the side-by-side speed test")
     parser.add_argument("--speed-tokens", type=int, default=256, help="new tokens per row in the speed test")
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     prompts = load_prompts(args)
-    from bench_merge import SIZES
+    from cogumi.demo.shapes import SIZES
 
     tokenizer = build_tokenizer(SIZES[args.size]["vocab_size"])
     started = time.perf_counter()
@@ -194,5 +195,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_merge, beside this file
     sys.exit(main())
