@@ -32,7 +32,7 @@ class Adapter:
     config: dict
     manifest: dict
     weights: Path
-    sha256: str  # of the weights file, checked against the manifest's adapter_hash
+    sha256: str  # of the weights file, once check_adapter_hash has checked it against the manifest
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,8 @@ def load_adapter(adapter_dir: Path) -> Adapter:
             legacy = " (only a pickled adapter_model.bin: re-save it with safe_serialization=True)" if (
                 name == ADAPTER_WEIGHTS and (adapter_dir / "adapter_model.bin").exists()) else ""
             raise UserError(f"the adapter folder has no {name}{legacy}", where=str(adapter_dir / name), fix=fix)
-    adapter = Adapter(path=adapter_dir, config=fsutil.read_json(adapter_dir / ADAPTER_CONFIG),
-                      manifest=read_manifest(adapter_dir), weights=adapter_dir / ADAPTER_WEIGHTS, sha256="")
-    return check_adapter_hash(adapter)
+    return Adapter(path=adapter_dir, config=fsutil.read_json(adapter_dir / ADAPTER_CONFIG),
+                   manifest=read_manifest(adapter_dir), weights=adapter_dir / ADAPTER_WEIGHTS, sha256="")
 
 
 def check_adapter_hash(adapter: Adapter) -> Adapter:

@@ -1,6 +1,6 @@
 """The streaming LoRA merge, start to end: refuse early, write the shards, verify, then place the folder.
 
-Order of run_merge: every refusal (adapter hash, quantized base or adapter, lineage, unsupported adapter, corrupt
+Order of run_merge: every refusal (quantized base or adapter, adapter hash, lineage, unsupported adapter, corrupt
 shard, existing output, disk) happens before the first byte is written (inputs.py, plan.py); shards are written
 into a temporary sibling folder (write.py), which is renamed to the final name only after verification (verify.py)
 passed and the report and manifest were written; outputs.py decides what is left on disk when anything fails.
@@ -45,8 +45,9 @@ def run_merge(job: MergeJob) -> dict:
     """Refuse early, stream into a temporary folder, verify, then rename (or keep aside as failed)."""
     started = time.perf_counter()
     base_dir = inputs.resolve_base(job.base_model)
-    adapter = inputs.load_adapter(job.adapter_dir)  # its bytes checked against the recorded hash
-    inputs.refuse_quantized(adapter, base_dir)  # before lineage: the incident deserves its own message
+    adapter = inputs.load_adapter(job.adapter_dir)
+    inputs.refuse_quantized(adapter, base_dir)  # first: the incident deserves its own message
+    adapter = inputs.check_adapter_hash(adapter)  # its bytes are the ones training recorded
     inputs.check_supported(adapter)
     fingerprint = inputs.check_lineage(adapter, job.base_model, base_dir)
     shards = inputs.scan_base(base_dir)
