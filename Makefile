@@ -29,7 +29,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-quantize gpu-wheels test test-fast lint bundle quantize
+.PHONY: help setup lock check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-validate bench-quantize gpu-wheels test test-fast lint bundle quantize rehearse
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -75,6 +75,9 @@ validate: ## MATH and CODE win/tie/loss of PHASE's merged model against its base
 quantize: ## after merge: a bitsandbytes QUANT=nf4|int8 copy of PHASE's merged model for deployment (GPU)
 	@$(call RUN,$(PY) scripts/quantize.py --phase $(PHASE) --quant $(QUANT) $(ARGS))
 
+rehearse: ## every step of PHASE for a few minutes (real base and data, temp folder), then the run card
+	$(PY) scripts/rehearse.py --phase $(PHASE) $(ARGS)
+
 monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json" for one reading (exit 0/10/20/30)
 	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/$(RUN_NAME) $(ARGS)
 
@@ -98,6 +101,9 @@ bench-ddp: ## 2+ GPUs: 8B-shape step on 1 GPU vs DDP on 2 (scaling per GPU) and 
 
 bench-merge: ## merge benchmark: streaming merge vs peft merge_and_unload (random 0.85B; ARGS="--size 8b --device cuda")
 	$(PY) scripts/bench/bench_merge.py $(ARGS)
+
+bench-validate: ## GPU: validation decoding, transformers generate vs the fast path (8B shape), full-run GPU time
+	$(PY) scripts/bench/bench_validate.py $(ARGS)
 
 gpu-wheels: ## the pinned pure-Python stack as wheels in .whl/, for a GPU image with another torch (needs PyPI)
 	bash scripts/bench/gpu_wheels.sh

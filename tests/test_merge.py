@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from cogumi.core import fsutil
 from cogumi.core.errors import EXIT_FAILED, UserError
-from cogumi.core.manifest import read_manifest, weights_fingerprint, write_manifest
+from cogumi.core.manifest import read_manifest, sha256_file, weights_fingerprint, write_manifest
 from cogumi.core.safetensors_io import read_header, tensor_entries, weight_files
 from cogumi.demo.tiny import save_tiny_model
-from cogumi.merge import stream
+from cogumi.merge import plan
 from cogumi.merge.stream import MergeJob, run_merge
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -46,13 +46,14 @@ def make_adapter(base_dir: Path, adapter_dir: Path, *, base_name: str | None = N
     peft_model.save_pretrained(adapter_dir)
     write_manifest(adapter_dir, "adapter", base_model=base_name or str(base_dir), base_path=str(base_dir),
                    base_fingerprint=weights_fingerprint(base_dir), dtype="float32",
-                   lora={"r": lora["r"], "alpha": lora["lora_alpha"]}, trained_on_quantized=False)
+                   lora={"r": lora["r"], "alpha": lora["lora_alpha"]}, trained_on_quantized=False,
+                   adapter_hash=sha256_file(adapter_dir / "adapter_model.safetensors"))
     return adapter_dir
 
 
 def job(base_dir: Path, adapter_dir: Path, out_dir: Path, **kwargs) -> MergeJob:
     return MergeJob(base_model=str(base_dir), adapter_dir=adapter_dir, out_dir=out_dir,
-                    verify=kwargs.pop("verify", False), margin_bytes=0, **kwargs)
+                    verify=kwargs.pop("verify", False), margin_bytes=kwargs.pop("margin_bytes", 0), **kwargs)
 
 
 def peft_merged_state(base_dir: Path, adapter_dir: Path, dtype=torch.float32) -> dict:
@@ -121,6 +122,8 @@ def test_fp32_merge_equals_peft_and_leaves_the_rest_byte_identical(fp32_sharded,
     manifest = read_manifest(out)
     assert manifest["kind"] == "merged" and manifest["dtype"] == "F32" and manifest["verified"] == "skipped"
     assert manifest["base_fingerprint"] == weights_fingerprint(fp32_sharded)
+    assert manifest["weights_sha256"] == {p.name: sha256_file(p) for p in [*weight_files(out),
+                                                                           out / "model.safetensors.index.json"]}
     assert json.loads((out / "merge_report.json").read_text())["verification"]["skipped"] is True
 
 
@@ -206,6 +209,20 @@ def _renamed_key_adapter(adapter: Path, tmp: Path) -> Path:
     tensors[key.replace("q_proj", "qq_proj").replace("lora_A", "lora_B")] = tensors.pop(
         key.replace("lora_A", "lora_B"))
     save_file(tensors, copy / "adapter_model.safetensors")
+    manifest = json.loads((copy / "manifest.json").read_text())  # a consistent adapter: only the key is wrong
+    manifest["adapter_hash"] = sha256_file(copy / "adapter_model.safetensors")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _flipped_bytes_adapter(adapter: Path, tmp: Path) -> Path:
+    """Same size, a few bytes changed in the middle of a tensor: only the hash can tell."""
+    copy = shutil.copytree(adapter, tmp / "adapter-f")
+    weights = copy / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) - 4096
+    data[middle:middle + 4] = bytes(b ^ 0xFF for b in data[middle:middle + 4])
+    weights.write_bytes(bytes(data))
     return copy
 
 
@@ -232,6 +249,9 @@ REFUSALS = {
                              "no adapter_model.safetensors"),
     "missing-manifest": (lambda b, a, t: (b, _without(a, t, "manifest.json")), "no manifest.json"),
     "key-matches-nothing": (lambda b, a, t: (b, _renamed_key_adapter(a, t)), "which the base does not have"),
+    "flipped-adapter-bytes": (lambda b, a, t: (b, _flipped_bytes_adapter(a, t)), "changed since training"),
+    "no-adapter-hash": (lambda b, a, t: (b, _edited_adapter(a, t, manifest={"adapter_hash": None})),
+                        "records no adapter_hash"),
 }
 
 
@@ -310,8 +330,8 @@ def test_failed_verification_exits_non_zero_and_keeps_output_aside(tiny_sharded_
     config = tmp_path / "demo.yaml"
     config.write_text(f"name: demo\nbase_model: {tiny_sharded_bf16_dir}\noutput_root: {tmp_path}\n"
                       "merge:\n  verify_prompts: 2\ndisk:\n  margin_mb: 1\n")
-    right_scale = stream.lora_scale
-    monkeypatch.setattr(stream, "lora_scale", lambda *args: 1.5 * right_scale(*args))  # a plausible-looking bug
+    right_scale = plan.lora_scale
+    monkeypatch.setattr(plan, "lora_scale", lambda *args: 1.5 * right_scale(*args))  # a plausible-looking bug
     assert entry.main(["--phase", str(config)]) == EXIT_FAILED
     assert not (tmp_path / "demo_merged").exists()
     failed = list(tmp_path.glob("demo_merged.failed-*"))

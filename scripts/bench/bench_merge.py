@@ -3,11 +3,14 @@
     python scripts/bench/bench_merge.py                          # 0.85 B bf16 Llama, 4 shards, LoRA r16 on all linear
     python scripts/bench/bench_merge.py --variants streaming+verify --repeat 1    # the cost of the built-in check
     python scripts/bench/bench_merge.py --size 8b --device cuda --workdir /data/bench   # Llama-3.1-8B shape, GPU box
+    python scripts/bench/bench_merge.py --variants streaming+verify,peft,cp --repeat 1   # the goals' comparison
 
 Builds a random-weight bf16 Llama in several safetensors shards and a random LoRA (r16, alpha 32, every linear
 layer of every block) in a temporary folder (deleted at the end unless --keep), then runs each variant in its
 own fresh process and reports wall time and peak RSS of that whole process (os.wait4's rusage: imports, loading
 and writing included). Speed and memory do not depend on the weights' values, so random weights are enough.
+Each child reports the package versions it imported (it keeps the caller's PYTHONPATH). `cp` is the disk's
+floor: a plain copy of the shards, timed with and without the `sync` that our merge's fsync pays for.
 Prints a markdown table for docs/PERFORMANCE.md and, with --json, writes the numbers.
 """
 
@@ -25,17 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-SIZES = {
-    # 16 layers of a 2048-wide Llama with a 32k vocabulary: 0.85 B parameters, 1.7 GB in bf16.
-    "0.9b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
-                 num_attention_heads=32, num_key_value_heads=8, shard="450MB"),
-    # meta-llama/Meta-Llama-3.1-8B-Instruct's shape (its hub checkpoint has 4 shards of up to 5 GB).
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, shard="5GB"),
-    # small enough for a test: ~50 M parameters in ~4 shards
-    "test": dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=10,
-                 num_attention_heads=8, num_key_value_heads=4, shard="24MB"),
-}
+from cogumi.demo.shapes import SIZES, llama_config
+
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -45,14 +39,6 @@ LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 def parse_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
     return int(float(text[:-2]) * units[text[-2:].upper()])
-
-
-def llama_config(size: str):
-    from transformers import LlamaConfig
-
-    shape = {k: v for k, v in SIZES[size].items() if k != "shard"}
-    return LlamaConfig(**shape, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-                       torch_dtype="bfloat16")
 
 
 def build_random_llama(out_dir: Path, size: str, *, seed: int = 0, device: str = "cpu") -> Path:
@@ -121,7 +107,7 @@ def build_random_adapter(base_dir: Path, adapter_dir: Path, *, r: int = 16, alph
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    from cogumi.core.manifest import weights_fingerprint, write_manifest
+    from cogumi.core.manifest import sha256_file, weights_fingerprint, write_manifest
 
     adapter_dir = Path(adapter_dir)
     adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +131,7 @@ def build_random_adapter(base_dir: Path, adapter_dir: Path, *, r: int = 16, alph
     write_manifest(adapter_dir, "adapter", base_model=str(base_dir), base_path=str(base_dir),
                    base_fingerprint=weights_fingerprint(base_dir), dtype="float32",
                    lora={"r": r, "alpha": alpha, "rslora": False, "target_modules": list(LINEAR)},
-                   trained_on_quantized=False)
+                   trained_on_quantized=False, adapter_hash=sha256_file(adapter_dir / "adapter_model.safetensors"))
     return adapter_dir
 
 
@@ -157,7 +143,8 @@ def child_streaming(base: str, adapter: str, out: str, device: str, verify: bool
 
     report = run_merge(MergeJob(base_model=base, adapter_dir=Path(adapter), out_dir=Path(out), verify=verify,
                                 force=True, margin_bytes=0, device=device))
-    return {"passed": report["passed"], "merge_s": report["merge_seconds"], "verification": report["verification"]}
+    return {"passed": report["passed"], "merge_s": report["merge_seconds"], "seconds": report["seconds"],
+            "verification": report["verification"]}
 
 
 def child_peft(base: str, adapter: str, out: str, device: str, shard: str) -> dict:
@@ -170,6 +157,17 @@ def child_peft(base: str, adapter: str, out: str, device: str, shard: str) -> di
     model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.save_pretrained(out, safe_serialization=True, max_shard_size=shard)
     return {}
+
+
+def run_copy(base: Path, out: Path) -> dict:
+    """A plain `cp` of the shards, then `sync`: what the disk alone costs for the same bytes."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    subprocess.run(["cp", *map(str, sorted(base.glob("*.safetensors"))), str(out)], check=True)
+    copied = time.perf_counter() - started
+    subprocess.run(["sync"], check=True)
+    return {"variant": "cp", "wall_s": round(copied, 1), "wall_with_sync_s": round(time.perf_counter() - started, 1),
+            "peak_rss_gb": 0.0}
 
 
 def run_child(variant: str, args: argparse.Namespace, base: Path, adapter: Path, out: Path) -> dict:
@@ -205,7 +203,8 @@ def versions() -> dict:
 def table(rows: list[dict]) -> str:
     """Median wall time and peak RSS per variant over its runs (this machine's load varies run to run)."""
     names = {"streaming": "streaming merge (ours, --no-verify)", "peft": "peft merge_and_unload + save_pretrained",
-             "streaming+verify": "streaming merge + verification (ours, the default)"}
+             "streaming+verify": "streaming merge + verification (ours, the default)",
+             "cp": "plain `cp` of the shards (no sync; + sync in the JSON)"}
     by: dict[str, list[dict]] = {}
     for row in rows:
         by.setdefault(row["variant"], []).append(row)
@@ -214,10 +213,11 @@ def table(rows: list[dict]) -> str:
     lines = ["| variant | runs | wall s (median; all runs) | peak RSS GB (median) |", "|---|---|---|---|"]
     lines += [f"| {names[v]} | {len(by[v])} | {med[v][0]:.1f} ({', '.join(str(r['wall_s']) for r in by[v])}) "
               f"| {med[v][1]:.2f} |" for v in by]
-    if "streaming" in med and "peft" in med:
-        (sw, sr), (pw, pr) = med["streaming"], med["peft"]
-        lines.append(f"\nratio ours/peft (medians): wall {sw / pw:.2f}, peak RSS {sr / pr:.2f} "
-                     "(goal: at most 0.33 each)")
+    for ours in ("streaming", "streaming+verify"):
+        if ours in med and "peft" in med:
+            (sw, sr), (pw, pr) = med[ours], med["peft"]
+            lines.append(f"\nratio {ours}/peft (medians): wall {sw / pw:.2f}, peak RSS {sr / pr:.2f} "
+                         "(goal with verification: wall at most 1, peak RSS at most 0.15)")
     return "\n".join(lines)
 
 
@@ -227,7 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where the merges and peft's model run")
     parser.add_argument("--workdir", help="where the random model goes (default: a temporary folder)")
     parser.add_argument("--variants", default="streaming,peft",
-                        help="comma list of streaming, peft, streaming+verify (the default merge, with its check)")
+                        help="comma list of streaming, peft, streaming+verify (the default merge, with its check), cp")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each variant, interleaved (median reported)")
     parser.add_argument("--keep", action="store_true", help="keep the random model and adapter (reused next time)")
     parser.add_argument("--json", help="also write the results here")
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             result = child_streaming(args.base, args.adapter, args.out, args.device, args.child.endswith("verify"))
         from cogumi.merge.stream import peak_rss_mb
 
-        print(json.dumps({**result, "peak_rss_gb": round(peak_rss_mb() / 1024, 2)}))
+        print(json.dumps({**result, "peak_rss_gb": round(peak_rss_mb() / 1024, 2), "versions": versions()}))
         return 0
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_merge-"))
     try:
@@ -260,13 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for variant in args.variants.split(",") * args.repeat:
             out = work / f"out-{variant}"
-            rows.append(run_child(variant, args, base, adapter, out))
+            rows.append(run_copy(base, out) if variant == "cp" else run_child(variant, args, base, adapter, out))
             shutil.rmtree(out, ignore_errors=True)  # the bench's own output: room for the next variant
             print(json.dumps(rows[-1]), flush=True)
         weights = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+        # the versions the children imported (the parent's may differ when PYTHONPATH shadows packages)
+        ran = {json.dumps(r["versions"], sort_keys=True) for r in rows if "versions" in r}
         summary = {"size": args.size, "device": args.device, "base_gb": round(weights / 1e9, 2),
                    "shards": len(list(base.glob("*.safetensors"))), "cpus": os.cpu_count(),
-                   "date": time.strftime("%Y-%m-%d"), "versions": versions(), "rows": rows}
+                   "date": time.strftime("%Y-%m-%d"), "versions_children_ran": [json.loads(v) for v in ran],
+                   "rows": rows}
         print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
         print(table(rows))
         if args.json:

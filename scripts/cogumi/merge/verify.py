@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -31,10 +32,13 @@ PROMPTS = [
     "List three primary colors.",
     "Translate 'good morning' into Spanish.",
 ]
-# Default allowed max |logit difference|, as a fraction of the largest reference logit, by base dtype: the one
-# rounding of W + delta moves a logit by about 1% of its scale in bf16 (measured: 0.2-0.8%), while a wrong
-# scale, a transposed delta or a dropped module moves it by the adapter's whole effect.
-DEFAULT_RELATIVE_TOLERANCE = {"F32": 1e-5, "BF16": 0.03, "F16": 0.005}
+# Default allowed max |logit difference|, as a fraction of the largest reference logit per sqrt(layer), by base
+# dtype. The one rounding of W + delta per merged weight adds noise in every layer, so it grows with depth like a
+# random walk: measured 0.2-0.8 % on 2-layer models and 3.05 % on the 32-layer 8B shape (where the former flat 3 %
+# failed a correct merge: ISSUES_LOG B29). bf16: 1 % x sqrt(layers) = 1.4 % at 2 layers, 5.7 % at 32; a wrong
+# scale, a transposed delta or a dropped module moves logits by the adapter's whole effect (79 % of the scale on
+# that 8B bench), and top-1 agreement at decisive positions is checked beside it.
+DEFAULT_RELATIVE_TOLERANCE = {"F32": 1e-5, "BF16": 0.01, "F16": 0.002}
 
 
 def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, *, prompts: int = 4,
@@ -47,7 +51,7 @@ def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, *, prompts
                             without_adapter=True)
     merged = _run(lambda: _load(merged_dir, device), inputs, device)
     scale = max(float(r.abs().max()) for r in reference)
-    tolerance = max_abs_diff if max_abs_diff is not None else default_tolerance(dtype, scale)
+    tolerance = max_abs_diff if max_abs_diff is not None else default_tolerance(dtype, scale, num_layers(merged_dir))
     result = compare_logits(reference, merged, tolerance)
     effect = max(float((r - p).abs().max()) for r, p in zip(reference, plain, strict=True))
     result.update(prompts=len(inputs), device=str(device), compute_dtype="float32", max_abs_diff_allowed=tolerance,
@@ -63,10 +67,18 @@ def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, *, prompts
     return result
 
 
-def default_tolerance(dtype: str, logit_scale: float) -> float:
-    # a mixed-dtype base is held to its loosest dtype
+def default_tolerance(dtype: str, logit_scale: float, layers: int = 2) -> float:
+    # a mixed-dtype base is held to its loosest dtype; float32 has no rounding noise to grow with depth
     fraction = max(DEFAULT_RELATIVE_TOLERANCE.get(d, DEFAULT_RELATIVE_TOLERANCE["BF16"]) for d in dtype.split(","))
-    return max(fraction * logit_scale, 1e-5)
+    depth = 1.0 if dtype == "F32" else math.sqrt(max(1, layers))
+    return max(fraction * depth * logit_scale, 1e-5)
+
+
+def num_layers(model_dir: Path) -> int:
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return int(config.get("num_hidden_layers") or 1)
 
 
 def encode_prompts(model_dir: Path, count: int) -> list[torch.Tensor]:
@@ -76,11 +88,15 @@ def encode_prompts(model_dir: Path, count: int) -> list[torch.Tensor]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = []
     for text in PROMPTS[: max(1, count)]:
+        # Render to text, then tokenize: what apply_chat_template returns when it tokenizes has changed across
+        # transformers versions (a list of ids, then an Encoding or a dict), its rendered text has not.
         if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already has the BOS
         else:
             ids = tokenizer(text)["input_ids"]
-        encoded.append(torch.tensor([ids]))
+        encoded.append(torch.tensor([list(ids)], dtype=torch.long))
     return encoded
 
 
@@ -102,10 +118,13 @@ def _run(load, inputs: list[torch.Tensor], device: torch.device, *, without_adap
 def _load(model_dir: Path, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"torch_dtype": torch.float32, "low_cpu_mem_usage": True}
     if device.type == "cuda":
-        kwargs["device_map"] = {"": device}  # straight onto the GPU: no full float32 copy in host memory
-    return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(device).eval()
+        # Straight onto the GPU in the stored dtype, widened to float32 there: the exact same values as a float32
+        # load, without converting every tensor on the CPU first (the slow part of loading an 8B in float32).
+        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype="auto", low_cpu_mem_usage=True,
+                                                     device_map={"": device})
+        return model.float().eval()
+    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, low_cpu_mem_usage=True).eval()
 
 
 def _load_with_adapter(base_dir: Path, adapter_dir: Path, device: torch.device):

@@ -1,0 +1,121 @@
+"""Where the merge's bytes land, and what is left on disk when something goes wrong.
+
+The merged folder is written under a temporary sibling name and renamed only after verification and the report.
+Nothing half-written ever carries the final name. On a full disk (during the shards, the report or the manifest)
+the temporary folder is removed and the merge stops with exit 3: free space, run the same command again. On Ctrl-C
+it is removed too. A merge that failed verification (or crashed in it) is kept aside for inspection only when the
+disk still has room for a fresh merge next to it; otherwise only its report is kept, and the log says which.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from cogumi.core import fsutil
+from cogumi.core.errors import EXIT_DISK_STOP, UserError
+from cogumi.core.manifest import MANIFEST
+from cogumi.merge.inputs import REPORT
+
+log = logging.getLogger(__name__)
+
+
+class MergeDiskStop(UserError):
+    """The disk filled during the merge: nothing was kept under the final name; the same command finishes later."""
+
+    exit_code = EXIT_DISK_STOP
+
+
+def human_bytes(n: float) -> str:
+    """12.3 MiB / 4.0 GiB: a readable size at any scale (a tiny disk used to read '0.0 GiB free, 0.0 GiB needed')."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def is_disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain, safetensors' text for it, or (no errno at all) a disk
+    with less than 1 MiB left."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "os error 28" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(err, OSError | RuntimeError) and fsutil.free_bytes(folder) < (1 << 20)
+
+
+def refuse_existing(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        raise UserError(f"the merged output already exists: {out_dir}", where=str(out_dir),
+                        fix="run with FORCE=1 to replace it (the old one is moved aside, not deleted)")
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        log.warning("a temporary folder of an interrupted merge is still here, using %s: %s",
+                    human_bytes(fsutil.dir_size(stale)), stale)
+
+
+def preflight_disk(weights_bytes: int, side_bytes: int, out_dir: Path, margin: int) -> int:
+    need = weights_bytes + side_bytes + margin
+    free = fsutil.free_bytes(out_dir.parent)
+    if free < need:
+        raise UserError(f"not enough disk for the merged model: {human_bytes(free)} free, {human_bytes(need)} "
+                        f"needed (weights {human_bytes(weights_bytes)} + margin {human_bytes(margin)})",
+                        where=str(out_dir.parent), fix="free space there, or set output_root to a bigger disk")
+    return need
+
+
+@contextmanager
+def removed_on_failure(tmp: Path, out_dir: Path, step: str):
+    """Any failure inside: the temporary folder goes (it is ours and incomplete); a full disk becomes exit 3."""
+    try:
+        yield
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, KeyboardInterrupt):
+            log.error("interrupted while %s: the partial merge was removed; run the same command again", step)
+            raise
+        if isinstance(err, UserError) or not is_disk_full(err, out_dir.parent):
+            raise
+        raise MergeDiskStop(f"the disk filled while {step}; the partial merge was removed, nothing is kept under "
+                            f"{out_dir.name}", where=str(out_dir.parent),
+                            fix=f"free space there ({human_bytes(fsutil.free_bytes(out_dir.parent))} free now), "
+                                "then run the same command again") from err
+
+
+def keep_aside(tmp: Path, out_dir: Path, margin: int, why: str) -> Path:
+    """Move a failed merge aside; keep its weights only if a fresh merge would still fit next to them."""
+    target = fsutil.aside_name(out_dir, "failed")
+    size, free = fsutil.dir_size(tmp), fsutil.free_bytes(out_dir.parent)
+    if free < size + margin:
+        for path in tmp.iterdir():
+            if path.name not in (REPORT, MANIFEST):
+                path.unlink()
+        log.error("%s; its weights (%s) were deleted to keep the disk usable (%s free); the report is kept at %s",
+                  why, human_bytes(size), human_bytes(free), target)
+    else:
+        log.error("%s; the merged model (%s) is kept for inspection at %s; delete it when done", why,
+                  human_bytes(size), target)
+    os.replace(tmp, target)
+    return target
+
+
+def fsync_files(folder: Path, names: list[str]) -> None:
+    """Flush the named files (the shards were flushed as they were written) and then the folder's entries."""
+    for name in names:
+        fd = os.open(folder / name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,179 @@
+"""A rehearsal of a phase: every step for a few minutes with the real base and data, then the run card.
+
+Train a few dozen steps in a hidden folder beside the real runs (`<output_root>/.rehearse-<name>-<pid>/`), stopped
+with Ctrl-C after its first checkpoint and started again with the same command (the automatic resume), merge with
+verification, validate a few problems per task; then predict the whole phase from what was measured: training
+from the data's tokens and the measured real tokens/s, the merge as measured (same base, same size), validation
+from the measured seconds per problem. The folder is removed at the end, whatever happened; the phase's own run
+folder is never touched. Each step runs the real entry script in its own process, as `make` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cogumi.core.config import PhaseConfig, resolve_path
+from cogumi.core.errors import UserError
+from cogumi.core.fsutil import dir_size
+from cogumi.core.paths import REPO_ROOT
+from cogumi.merge.outputs import human_bytes
+
+SCRIPTS = REPO_ROOT / "scripts"
+TRAIN, MERGE, VALIDATE = "train_phase1a_fullprecision.py", "merge_adapter_fullprecision.py", "benchmark.py"
+
+
+@dataclass
+class Measured:
+    seconds: dict = field(default_factory=dict)  # step -> wall seconds of its processes
+    train_tokens_per_s: float = 0.0
+    checkpoint_bytes: int = 0
+    merged_bytes: int = 0
+    merge_report: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)  # task -> {"prompts", "generation_s"} (both models)
+
+
+def rehearsal_root(config: PhaseConfig) -> Path:
+    return resolve_path(config.output_root) / f".rehearse-{config.name}-{os.getpid()}"
+
+
+def overrides_for(root: Path, steps: int, problems: int) -> list[str]:
+    """The rehearsal's own folder and sizes: a checkpoint half-way, so the interrupted run leaves one to resume."""
+    return [f"output_root={root}", f"train.max_steps={steps}", f"checkpoints.save_steps={max(1, steps // 2)}",
+            f"validate.limit={problems}"]
+
+
+def run_step(label: str, script: str, args: list[str], measured: Measured, ok=(0,)) -> None:
+    """One entry script in its own process, its output shown as it runs; any exit code not in `ok` stops here."""
+    print(f"\n[rehearse] ===== {label}: {script} {' '.join(args)}", flush=True)
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *args], env={**os.environ, "FORCE": "1"})
+    measured.seconds[label] = measured.seconds.get(label, 0.0) + time.perf_counter() - started
+    if result.returncode not in ok:
+        raise UserError(f"the rehearsal's {label} step failed (exit {result.returncode}); its message is above",
+                        where=script, fix="fix that before the real run: that is what the rehearsal is for")
+
+
+def train_interrupted_then_resumed(args: list[str], run_dir: Path, measured: Measured) -> None:
+    """Start training, Ctrl-C it once its first checkpoint is complete, then run the same command again."""
+    print(f"\n[rehearse] ===== train (stopped after its first checkpoint): {TRAIN} {' '.join(args)}", flush=True)
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, str(SCRIPTS / TRAIN), *args])
+    while child.poll() is None and not any((p / "COMPLETE").exists() for p in run_dir.glob("checkpoint-*")):
+        time.sleep(0.2)
+    if child.poll() is None:
+        child.send_signal(signal.SIGINT)
+    code = child.wait()
+    measured.seconds["train"] = time.perf_counter() - started
+    if code not in (0, 130):
+        raise UserError(f"the rehearsal's first training run failed (exit {code}); its message is above",
+                        where=TRAIN, fix="fix that before the real run: that is what the rehearsal is for")
+    run_step("train", TRAIN, args, measured)  # resumes from the checkpoint, then exports the adapter
+
+
+def measure(config: PhaseConfig, measured: Measured) -> None:
+    from cogumi.train.trainlog import TRAIN_LOG, read_log
+
+    rows = [r["tokens_per_s"] for r in read_log(config.run_dir / TRAIN_LOG) if r.get("tokens_per_s")]
+    # the first window holds the warm-up (allocator, kernels); later ones are the steady state
+    measured.train_tokens_per_s = statistics.median(rows[1:] or rows) if rows else 0.0
+    checkpoints = [p for p in config.run_dir.glob("checkpoint-*") if (p / "COMPLETE").exists()]
+    measured.checkpoint_bytes = max((dir_size(p) for p in checkpoints), default=0)
+    measured.merged_bytes = dir_size(config.merged_dir)
+    measured.merge_report = json.loads((config.merged_dir / "merge_report.json").read_text())
+    report = json.loads((config.validation_dir / "report.json").read_text())
+    for task, row in report["tasks"].items():
+        sides = [s for s in (row.get("generation") or {}).values() if s]
+        measured.validation[task] = {"prompts": row["n"], "generation_s": sum(s["wall_s"] for s in sides),
+                                     "tokens_per_s": [s["tokens_per_s"] for s in sides]}
+
+
+@dataclass
+class Card:
+    lines: list[str]
+    predicted: dict
+
+
+def predict(real: PhaseConfig, measured: Measured, data_tokens_per_row: float, rows: int,
+            full_problems: dict, base_bytes: int) -> Card:
+    """The whole phase from what the rehearsal measured."""
+    from cogumi.train.trainer import effective_batch, make_plan
+
+    plan = make_plan(real, rows)
+    train_tokens = plan.total_steps * effective_batch(real) * data_tokens_per_row
+    train_s = train_tokens / measured.train_tokens_per_s if measured.train_tokens_per_s else float("nan")
+    merge_s = measured.merge_report.get("wall_seconds", measured.seconds.get("merge", 0.0))
+    generation_s = sum(v["generation_s"] / max(1, v["prompts"]) * full_problems[t]
+                       for t, v in measured.validation.items())
+    overhead_s = measured.seconds["validate"] - sum(v["generation_s"] for v in measured.validation.values())
+    validate_s = generation_s + max(0.0, overhead_s)
+    total_s = train_s + merge_s + validate_s
+    peak_disk = base_bytes + (real.checkpoints.keep_last + 1) * measured.checkpoint_bytes + measured.merged_bytes
+    predicted = {"train_s": round(train_s, 1), "merge_s": round(merge_s, 1), "validate_s": round(validate_s, 1),
+                 "total_s": round(total_s, 1), "gpu_hours": round(total_s / 3600, 3), "peak_disk_bytes": peak_disk,
+                 "train_steps": plan.total_steps, "train_tokens": round(train_tokens),
+                 "train_tokens_per_s": round(measured.train_tokens_per_s, 1), "problems": full_problems}
+    lines = [
+        f"== run card: {real.name} (predicted from this rehearsal on this machine) ==",
+        f"  train     {_hours(train_s)}  {plan.total_steps} steps, {train_tokens / 1e6:.1f} M tokens at "
+        f"{measured.train_tokens_per_s:,.0f} tokens/s (measured)",
+        f"  merge     {_hours(merge_s)}  as measured, with verification",
+        f"  validate  {_hours(validate_s)}  {sum(full_problems.values())} problems x 2 models at the measured "
+        f"seconds per problem, plus loading and judging as measured",
+        f"  total     {_hours(total_s)}  = {total_s / 3600:.2f} GPU-hours on one GPU",
+        f"  peak disk {human_bytes(peak_disk)}  (base {human_bytes(base_bytes)} + {real.checkpoints.keep_last + 1} "
+        f"checkpoints x {human_bytes(measured.checkpoint_bytes)} + merged {human_bytes(measured.merged_bytes)})",
+        f"  rehearsal {sum(measured.seconds.values()):.0f} s: " +
+        ", ".join(f"{k} {v:.0f} s" for k, v in measured.seconds.items()),
+    ]
+    return Card(lines, predicted)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:6.2f} h" if seconds >= 3600 else f"{seconds / 60:6.1f} min"
+
+
+def data_shape(real: PhaseConfig) -> tuple[int, float]:
+    """(training rows, tokens per example as the trainer encodes them), with the base's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    from cogumi.core.hub import local_folder
+    from cogumi.train.data import DataStats, encode_rows, read_data
+
+    data = read_data(real.data)
+    base = local_folder(real.base_model) or real.base_model
+    stats = DataStats(source=data.source)
+    encode_rows(AutoTokenizer.from_pretrained(str(base)), data.rows, real.data.max_seq_len, stats)
+    return len(data.rows), stats.tokens / max(1, stats.examples)
+
+
+def full_problem_counts(real: PhaseConfig, config_path: str, candidate: Path) -> dict:
+    """Problems per task of the real validation (no limit), resolved as `make validate` resolves them."""
+    from argparse import Namespace
+
+    from cogumi.evaluate import validate
+
+    args = Namespace(candidate=str(candidate), baseline=None, limit=None, phase=real.name)
+    plan = validate.build_plan(real, args, config_path)
+    return {t: len(p) for t, p in validate.build_problems(plan, real.validate.seed).items()}
+
+
+def base_size(real: PhaseConfig) -> int:
+    from cogumi.core.hub import local_folder
+
+    folder = local_folder(real.base_model)
+    return dir_size(folder) if folder is not None and folder.exists() else 0
+
+
+def cleanup(root: Path) -> None:
+    if root.exists():
+        shutil.rmtree(root)
+        print(f"[rehearse] removed {root}", flush=True)
