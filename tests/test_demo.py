@@ -65,3 +65,18 @@ def test_demo_runs_the_whole_chain_passes_its_gate_and_reuses_on_a_second_run(tm
     assert "merging again" in third.stdout and "gates: all passed, VALIDATED" in third.stdout
     stamp = json.loads((merged / "VALIDATED").read_text())
     assert stamp["weights_sha256"] == weights_sha256(merged)
+
+
+def test_demo_opts_in_to_uncontained_code_only_where_the_kernel_cannot_contain_it(monkeypatch):
+    """A real phase refuses model code it cannot contain; the demo (its own tiny model's code) opts in and says so."""
+    import demo
+
+    from cogumi.evaluate import sandbox
+
+    monkeypatch.delenv(sandbox.OPT_IN_ENV, raising=False)
+    contained = sandbox.Isolation(("unshare",), True, True, True, ())
+    uncontained = sandbox.Isolation((), False, False, False, (), ("unshare refused",))
+    monkeypatch.setattr(sandbox, "isolation", lambda: contained)
+    assert demo.demo_code_opt_in() == {}
+    monkeypatch.setattr(sandbox, "isolation", lambda: uncontained)
+    assert demo.demo_code_opt_in() == {sandbox.OPT_IN_ENV: "1"}
