@@ -51,14 +51,14 @@ def build_tokenizer(vocab_size: int):
     return tok
 
 
-def build_model(size: str, tokenizer, device: str):
+def build_model(size: str, tokenizer, device: str, dtype_name: str | None = None):
     import torch
     from transformers import LlamaForCausalLM
 
     from cogumi.demo.shapes import llama_config
 
     config = llama_config(size)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, dtype_name) if dtype_name else torch.bfloat16 if device.startswith("cuda") else torch.float32
     config.torch_dtype = dtype
     torch.manual_seed(0)
     with torch.device(device):
@@ -148,6 +148,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", default="8b", help="model shape from cogumi.demo.shapes.SIZES (8b, 0.9b, test)")
     parser.add_argument("--device", default=None, help="default: cuda when there is one")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="default: bfloat16 on a GPU, float32 on a "
+                        "CPU; float32 tells kernel-order noise (bf16 near-ties) from a real decoding difference")
     parser.add_argument("--batch", type=int, default=64, help="batch of the side-by-side speed test")
     parser.add_argument("--speed-tokens", type=int, default=256, help="new tokens per row in the speed test")
     parser.add_argument("--identity-prompts", type=int, default=8)
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
 
     tokenizer = build_tokenizer(SIZES[args.size]["vocab_size"])
     started = time.perf_counter()
-    model, stops = build_model(args.size, tokenizer, device)
+    model, stops = build_model(args.size, tokenizer, device, args.dtype)
     loaded = LoadedModel(f"random {args.size}", model, tokenizer, device, str(model.dtype), stops)
     result = {"date": time.strftime("%Y-%m-%d"), "size": args.size, "device": device, "versions": versions(),
               "prompts": len(prompts), "model_build_s": round(time.perf_counter() - started, 1)}
