@@ -265,3 +265,25 @@ def test_bad_input_is_refused_cleanly_and_changes_nothing(ws, case, monkeypatch,
 
 def test_the_table_covers_the_issue():
     assert len(CASES) >= 66 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C during `import torch` (before run_main can catch it): one line, exit 130, no traceback."""
+    import subprocess
+    import sys
+    import time
+
+    from cogumi.core.paths import SCRIPTS_DIR
+
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / "train_phase1a_fullprecision.py"), "--phase", "demo"],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(SCRIPTS_DIR)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    maps = Path(f"/proc/{proc.pid}/maps")
+    # torch's extension is mapped while `import torch` runs: the script is past `import cogumi`, not yet in main().
+    while time.monotonic() < deadline and proc.poll() is None and "torch" not in maps.read_text(errors="replace"):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "Interrupted while starting" in err, err

@@ -45,6 +45,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     # SIGTERM (a scheduler, `kill`, torchrun stopping a rank) takes the same path as Ctrl-C: the `finally` blocks
     # that remove temporary folders run, and one line says how to continue (ISSUES_LOG B24).
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is KeyboardInterrupt (cogumi/__init__)
     try:
         code = main(argv)
     except UserError as err:
