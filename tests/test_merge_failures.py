@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_merge import assert_nothing_written, job, make_adapter
-from tmpfs_util import fill_file, mount_tmpfs, unmount
+from tmpfs_util import fill_file
 
 from cogumi.core import fsutil
 from cogumi.core.errors import EXIT_DISK_STOP, UserError
@@ -26,19 +26,6 @@ from cogumi.merge.outputs import MergeDiskStop
 from cogumi.merge.stream import run_merge
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-@pytest.fixture()
-def small_fs(tmp_path):
-    mounts = []
-
-    def make(size_bytes: int) -> Path:
-        mounts.append(mount_tmpfs(tmp_path / f"fs{len(mounts)}", size_bytes))
-        return mounts[-1]
-
-    yield make
-    for where in mounts:
-        unmount(where)
 
 
 @pytest.fixture()
@@ -83,9 +70,9 @@ def test_merged_manifest_records_the_sha256_of_every_weight_file(tiny_sharded_bf
 
 
 def test_disk_full_during_the_shard_write_stops_with_exit_3_then_the_same_merge_finishes(
-        tiny_sharded_bf16_dir, bf16_adapter, small_fs):
+        tiny_sharded_bf16_dir, bf16_adapter, tmpfs):
     need = model_bytes(tiny_sharded_bf16_dir)
-    fs = small_fs(need // 2)  # half the model fits: the write itself hits ENOSPC
+    fs = tmpfs(need // 2)  # half the model fits: the write itself hits ENOSPC
     out = fs / "merged"
     # A negative margin lets the preflight pass on a disk that is too small, so the real write fails mid-shard.
     with pytest.raises(MergeDiskStop) as err:
@@ -100,8 +87,8 @@ def test_disk_full_during_the_shard_write_stops_with_exit_3_then_the_same_merge_
 
 
 def test_disk_full_during_the_report_write_stops_with_exit_3_then_the_same_merge_finishes(
-        tiny_sharded_bf16_dir, bf16_adapter, small_fs):
-    fs = small_fs(3 * model_bytes(tiny_sharded_bf16_dir))
+        tiny_sharded_bf16_dir, bf16_adapter, tmpfs):
+    fs = tmpfs(3 * model_bytes(tiny_sharded_bf16_dir))
     out, filler = fs / "merged", fs / "filler"
     # config.json is copied after the shards; verification runs for seconds after it, then the report is written.
     watcher = fill_when(".merged.tmp-*", fs, "config.json", filler)
@@ -117,9 +104,9 @@ def test_disk_full_during_the_report_write_stops_with_exit_3_then_the_same_merge
 
 
 def test_failed_verification_keeps_only_the_report_when_the_disk_has_no_room_for_a_copy(
-        tiny_sharded_bf16_dir, bf16_adapter, small_fs, monkeypatch):
+        tiny_sharded_bf16_dir, bf16_adapter, tmpfs, monkeypatch):
     size = model_bytes(tiny_sharded_bf16_dir)
-    fs = small_fs(size + size // 2 + (1 << 20))  # room for one merged model plus the margin, not two
+    fs = tmpfs(size + size // 2 + (1 << 20))  # room for one merged model plus the margin, not two
     right_scale = plan.lora_scale
     monkeypatch.setattr(plan, "lora_scale", lambda *args: 1.5 * right_scale(*args))  # a plausible-looking bug
     report = run_merge(job(tiny_sharded_bf16_dir, bf16_adapter, fs / "merged", verify=True, verify_prompts=1,
@@ -131,8 +118,8 @@ def test_failed_verification_keeps_only_the_report_when_the_disk_has_no_room_for
     assert json.loads((kept / "merge_report.json").read_text())["verification"]["passed"] is False
 
 
-def test_no_room_message_uses_units_that_show_the_sizes(tiny_sharded_bf16_dir, bf16_adapter, small_fs):
-    fs = small_fs(64 << 10)
+def test_no_room_message_uses_units_that_show_the_sizes(tiny_sharded_bf16_dir, bf16_adapter, tmpfs):
+    fs = tmpfs(64 << 10)
     with pytest.raises(UserError, match="not enough disk") as err:
         run_merge(job(tiny_sharded_bf16_dir, bf16_adapter, fs / "merged", margin_bytes=1 << 20))
     assert "0.0 GiB" not in err.value.what and "KiB free" in err.value.what, err.value.what
