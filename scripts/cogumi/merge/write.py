@@ -47,6 +47,23 @@ class Written:
 
 STAGES = ("read", "merge", "hash", "write", "flush")
 
+# safetensors' get_tensor slices a torch storage, which may import lazily: from several shard threads at once this
+# hung a CPU merge on torch 2.3.1 (every thread parked on a futex, ISSUES_LOG B32). Adapter tensors are small, so
+# their reads take turns; the base's bytes are read with plain file reads and stay parallel.
+_ADAPTER_READS = threading.Lock()
+
+
+class _AdapterTensors:
+    """One shard thread's safe_open handle, read under the shared lock."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        with _ADAPTER_READS:
+            return self.handle.get_tensor(name)
+
+
 class Stopped(Exception):
     """Another shard's writer failed (or Ctrl-C): this one stopped early; its file is incomplete."""
 
@@ -88,7 +105,8 @@ def _write_shard(shard: Shard, out_path: Path, updates: dict, adapter: Adapter, 
 
     consumed: set[str] = set()
     with open(shard.path, "rb") as src, open(out_path, "wb") as dst, \
-            safe_open(adapter.weights, framework="pt") as tensors:
+            safe_open(adapter.weights, framework="pt") as handle:
+        tensors = _AdapterTensors(handle)
         writer = _HashingWriter(dst)
         try:
             _copy_bytes(src, writer, 0, shard.data_start)  # the base's own header: same names and offsets
