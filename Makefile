@@ -114,7 +114,7 @@ bench-quantize: ## GPU: size, load time and generation speed of bf16 vs nf4/int8
 lint: ## ruff
 	$(PY) -m ruff check scripts tests
 
-test: lint ## ruff + pytest (CPU only; about 6 minutes on 2 cores)
+test: lint ## ruff + pytest (CPU only; about 10 minutes on 2 cores)
 	$(PY) -m pytest -q tests $(ARGS)
 
 test-fast: lint ## ruff + the tests not marked slow (under 2 minutes on 2 cores): the loop while editing

@@ -11,49 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from merge_helpers import assert_nothing_written, job, make_adapter
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cogumi.core import fsutil
 from cogumi.core.errors import EXIT_FAILED, UserError
-from cogumi.core.manifest import read_manifest, sha256_file, weights_fingerprint, write_manifest
+from cogumi.core.manifest import read_manifest, sha256_file, weights_fingerprint
 from cogumi.core.safetensors_io import read_header, tensor_entries, weight_files
 from cogumi.demo.tiny import save_tiny_model
 from cogumi.merge import plan
-from cogumi.merge.stream import MergeJob, run_merge
+from cogumi.merge.stream import run_merge
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def make_adapter(base_dir: Path, adapter_dir: Path, *, base_name: str | None = None, seed: int = 1,
-                 model=None, **lora_kwargs) -> Path:
-    """A peft adapter on `base_dir` with random non-zero A and B, plus the manifest the trainer writes."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = model or AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
-    lora = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **lora_kwargs}
-    peft_model = get_peft_model(model, LoraConfig(**lora))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_" in name:  # B starts at zero in peft: give every LoRA tensor values so the merge matters
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
-    peft_model.peft_config["default"].base_model_name_or_path = base_name or str(base_dir)
-    peft_model.save_pretrained(adapter_dir)
-    write_manifest(adapter_dir, "adapter", base_model=base_name or str(base_dir), base_path=str(base_dir),
-                   base_fingerprint=weights_fingerprint(base_dir), dtype="float32",
-                   lora={"r": lora["r"], "alpha": lora["lora_alpha"]}, trained_on_quantized=False,
-                   adapter_hash=sha256_file(adapter_dir / "adapter_model.safetensors"))
-    return adapter_dir
-
-
-def job(base_dir: Path, adapter_dir: Path, out_dir: Path, **kwargs) -> MergeJob:
-    return MergeJob(base_model=str(base_dir), adapter_dir=adapter_dir, out_dir=out_dir,
-                    verify=kwargs.pop("verify", False), margin_bytes=kwargs.pop("margin_bytes", 0), **kwargs)
 
 
 def peft_merged_state(base_dir: Path, adapter_dir: Path, dtype=torch.float32) -> dict:
@@ -81,11 +54,6 @@ def raw_bytes(model_dir: Path) -> dict:
         for name, info in tensor_entries(header).items():
             out[name] = data[start + info["data_offsets"][0]: start + info["data_offsets"][1]]
     return out
-
-
-def assert_nothing_written(out_dir: Path) -> None:
-    assert not out_dir.exists()
-    assert not list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")), "a temporary folder was left behind"
 
 
 @pytest.fixture(scope="module")

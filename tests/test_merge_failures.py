@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_merge import assert_nothing_written, job, make_adapter
+from merge_helpers import assert_nothing_written, job, make_adapter
 from tmpfs_util import fill_file
 
 from cogumi.core import fsutil
