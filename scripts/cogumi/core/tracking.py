@@ -18,12 +18,8 @@ import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cogumi.core.errors import UserError
-
-if TYPE_CHECKING:  # config imports this module to check train.report_to at load
-    from cogumi.core.config import PhaseConfig
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +114,14 @@ def tracking(run_dir: Path, name: str, report_to, config: dict, *, enabled: bool
         tracker.close()
 
 
-def track_phase(config: PhaseConfig, *, enabled: bool = True, start_step: int = 0):
-    """The tracker of a phase: its run folder, name, train.report_to and resolved config."""
+def track_phase(config, *, enabled: bool = True, start_step: int = 0):
+    """The tracker of a phase (a PhaseConfig: typed loosely, since config imports this module): its run folder,
+    name, train.report_to and resolved config."""
     return tracking(config.run_dir, config.name, config.train.report_to, config.to_dict(), enabled=enabled,
                     start_step=start_step)
 
 
-def record_validation(config: PhaseConfig, report: dict) -> None:
+def record_validation(config, report: dict) -> None:
     """After `make validate`: the report's win/tie/loss table into the phase's tracking run (when report_to asks)."""
     with track_phase(config) as tracker:
         tracker.log_validation(report)
