@@ -158,6 +158,24 @@ def test_ctrl_c_during_the_merge_removes_the_partial_output_then_the_same_merge_
     assert read_manifest(out)["verified"] is True
 
 
+@pytest.mark.parametrize("between", ["_base_report", "_verification", "_write_outputs"])
+def test_ctrl_c_between_the_merge_steps_leaves_no_temporary_folder(
+        tiny_sharded_bf16_dir, bf16_adapter, tmp_path, monkeypatch, caplog, between):
+    # CI once sent the signal after the shards were fsynced and before verification began, a gap between two
+    # guards: the temporary folder stayed behind and the message was the generic one (ISSUES_LOG B33)
+    from cogumi.merge import stream
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stream, between, interrupted)
+    out = tmp_path / "merged"
+    with pytest.raises(KeyboardInterrupt):
+        run_merge(job(tiny_sharded_bf16_dir, bf16_adapter, out, verify=True, verify_prompts=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert "the partial merge was removed" in caplog.text
+
+
 def test_verification_tolerance_grows_with_depth_and_still_catches_a_wrong_scale():
     from cogumi.merge.verify import default_tolerance
 

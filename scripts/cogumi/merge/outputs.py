@@ -71,20 +71,31 @@ def preflight_disk(weights_bytes: int, side_bytes: int, out_dir: Path, margin: i
     return need
 
 
+class Step:
+    """What the merge is doing now, named in the message if it stops there."""
+
+    def __init__(self, now: str):
+        self.now = now
+
+
 @contextmanager
-def removed_on_failure(tmp: Path, out_dir: Path, step: str):
-    """Any failure inside: the temporary folder goes (it is ours and incomplete); a full disk becomes exit 3."""
+def removed_on_failure(tmp: Path, out_dir: Path):
+    """One guard from the temporary folder's creation to its rename: any failure inside removes it (it is ours and
+    incomplete) and a full disk becomes exit 3. Already renamed or kept aside as failed: nothing to remove."""
+    step = Step("writing the merged shards")
     try:
-        yield
+        yield step
     except BaseException as err:
+        if not tmp.exists():
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, KeyboardInterrupt):
-            log.error("interrupted while %s: the partial merge was removed; run the same command again", step)
+            log.error("interrupted while %s: the partial merge was removed; run the same command again", step.now)
             raise
         if isinstance(err, UserError) or not is_disk_full(err, out_dir.parent):
             raise
-        raise MergeDiskStop(f"the disk filled while {step}; the partial merge was removed, nothing is kept under "
-                            f"{out_dir.name}", where=str(out_dir.parent),
+        raise MergeDiskStop(f"the disk filled while {step.now}; the partial merge was removed, nothing is kept "
+                            f"under {out_dir.name}", where=str(out_dir.parent),
                             fix=f"free space there ({human_bytes(fsutil.free_bytes(out_dir.parent))} free now), "
                                 "then run the same command again") from err
 

@@ -62,16 +62,17 @@ def run_merge(job: MergeJob) -> dict:
     checked = time.perf_counter()
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     tmp.mkdir()
-    with outputs.removed_on_failure(tmp, out_dir, "writing the merged shards"):
+    # one guard until the rename: a Ctrl-C between two steps must not leave the temporary folder behind
+    with outputs.removed_on_failure(tmp, out_dir) as step:
         written = write.stream_merge(shards, updates, adapter, tmp, job.device)
         _check_consumed(written.consumed, updates, adapter)
         outputs.fsync_files(tmp, inputs.copy_side_files(base_dir, tmp))
         if (tmp / INDEX).exists():
             written.sha256[INDEX] = sha256_file(tmp / INDEX)
-    report = _base_report(job, shards, updates, started)
-    report["seconds"] = {"checks": round(checked - started, 3), "write": round(time.perf_counter() - checked, 3),
-                         "write_stages_summed_over_shards": {k: round(v, 3) for k, v in written.seconds.items()}}
-    return _verify_and_place(job, adapter, base_dir, fingerprint, tmp, report, written.sha256, started)
+        report = _base_report(job, shards, updates, started)
+        report["seconds"] = {"checks": round(checked - started, 3), "write": round(time.perf_counter() - checked, 3),
+                             "write_stages_summed_over_shards": {k: round(v, 3) for k, v in written.seconds.items()}}
+        return _verify_and_place(job, adapter, base_dir, fingerprint, tmp, report, written.sha256, started, step)
 
 
 def _check_consumed(consumed: set, updates: dict, adapter) -> None:
@@ -90,24 +91,25 @@ def _base_report(job: MergeJob, shards: list, updates: dict, started: float) -> 
 
 
 def _verify_and_place(job, adapter, base_dir, fingerprint, tmp: Path, report: dict, sha256: dict,
-                      started: float) -> dict:
+                      started: float, step: outputs.Step) -> dict:
     out_dir = Path(job.out_dir)
+    step.now = "verifying the merge"
     try:
         report["verification"] = _verification(job, adapter, base_dir, tmp, report["dtype"])
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt) or outputs.is_disk_full(err, out_dir.parent):
-            with outputs.removed_on_failure(tmp, out_dir, "verifying the merge"):
-                raise
+            raise  # the guard around removes the folder
         # a crash (out of memory, a bug): the merged weights may be fine, so they are kept when there is room
         outputs.keep_aside(tmp, out_dir, job.margin_bytes, f"verification crashed ({type(err).__name__})")
         raise
     report["passed"] = report["verification"]["passed"] is not False
     report.update(wall_seconds=round(time.perf_counter() - started, 3), peak_rss_mb=peak_rss_mb())
-    with outputs.removed_on_failure(tmp, out_dir, f"writing {REPORT} and the manifest"):
-        _write_outputs(job, adapter, base_dir, fingerprint, tmp, report, sha256)
+    step.now = f"writing {REPORT} and the manifest"
+    _write_outputs(job, adapter, base_dir, fingerprint, tmp, report, sha256)
     if not report["passed"]:
         report["output"] = str(outputs.keep_aside(tmp, out_dir, job.margin_bytes, "verification FAILED"))
         return report
+    step.now = "putting the merged model in place"
     if out_dir.exists():
         log.info("FORCE=1: the previous output moved aside to %s", fsutil.move_aside(out_dir, "old"))
     os.replace(tmp, out_dir)
