@@ -96,6 +96,18 @@ def test_fp32_merge_equals_peft_and_leaves_the_rest_byte_identical(fp32_sharded,
 
 
 @pytest.mark.slow
+def test_background_writeback_writes_the_same_bytes(fp32_sharded, fp32_adapter, tmp_path, monkeypatch):
+    # every few KiB an fdatasync runs on its own thread while the writer goes on: the files must not change
+    from cogumi.merge import write
+
+    plain = run_merge(job(fp32_sharded, fp32_adapter, tmp_path / "plain"))
+    monkeypatch.setattr(write, "FLUSH_EVERY", 4096)
+    flushed = run_merge(job(fp32_sharded, fp32_adapter, tmp_path / "flushed"))
+    assert plain["passed"] and flushed["passed"]
+    assert raw_bytes(tmp_path / "plain") == raw_bytes(tmp_path / "flushed")
+    assert read_manifest(tmp_path / "plain")["weights_sha256"] == read_manifest(tmp_path / "flushed")["weights_sha256"]
+
+
 def test_bf16_result_is_one_rounding_of_the_fp32_sum(tiny_sharded_bf16_dir, tmp_path):
     adapter = make_adapter(tiny_sharded_bf16_dir, tmp_path / "adapter")
     out = tmp_path / "merged"

@@ -184,3 +184,31 @@ def test_verification_tolerance_grows_with_depth_and_still_catches_a_wrong_scale
     assert default_tolerance("BF16", 7.62, 32) > 0.2325 > default_tolerance("BF16", 7.62, 2)
     assert default_tolerance("BF16", 7.62, 32) < 6.02 / 10
     assert default_tolerance("F32", 7.62, 32) == default_tolerance("F32", 7.62, 2)
+
+
+def test_verification_loads_the_same_float32_weights_as_from_pretrained(tiny_sharded_bf16_dir, tmp_path):
+    # the verifier reads the shards itself (bounded memory, no mmap): its model must equal transformers' own load
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from cogumi.merge.verify import _load
+
+    ours = _load(tiny_sharded_bf16_dir, torch.device("cpu")).state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(tiny_sharded_bf16_dir, torch_dtype=torch.float32).state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    tied_dir = tmp_path / "tied"  # a tied LM head is stored once, as the embedding
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+                     ).save_pretrained(tied_dir, safe_serialization=True)
+    tied = _load(tied_dir, torch.device("cpu"))
+    assert torch.equal(tied.lm_head.weight, tied.model.embed_tokens.weight)
+
+    weights = load_file(tied_dir / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "down_proj" not in k}, tied_dir / "model.safetensors")
+    with pytest.raises(UserError, match="not in its safetensors files") as err:
+        _load(tied_dir, torch.device("cpu"))
+    assert "down_proj" in err.value.what

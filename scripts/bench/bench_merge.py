@@ -174,7 +174,7 @@ def run_child(variant: str, args: argparse.Namespace, base: Path, adapter: Path,
     """Run one variant in a fresh interpreter: wall time of the whole process, and its own peak RSS (VmHWM,
     reported by the child: ru_maxrss of a vfork+exec child would include this parent's peak)."""
     cmd = [sys.executable, __file__, "--child", variant, "--base", str(base), "--adapter", str(adapter),
-           "--out", str(out), "--device", args.device, "--size", args.size]
+           "--out", str(out), "--device", args.device, "--merge-device", args.merge_device, "--size", args.size]
     # The children keep the caller's packages (its PYTHONPATH) and add the cogumi library one folder up.
     pythonpath = os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -224,7 +224,10 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="0.9b")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the merges and peft's model run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where peft's model runs")
+    parser.add_argument("--merge-device", default="cpu",
+                        help="where our merge computes B @ A: cpu, as `make merge` does (verification uses the GPU "
+                             "whenever there is one), or cuda")
     parser.add_argument("--workdir", help="where the random model goes (default: a temporary folder)")
     parser.add_argument("--variants", default="streaming,peft",
                         help="comma list of streaming, peft, streaming+verify (the default merge, with its check), cp")
@@ -244,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.child == "peft":
             result = child_peft(args.base, args.adapter, args.out, args.device, SIZES[args.size]["shard"])
         else:
-            result = child_streaming(args.base, args.adapter, args.out, args.device, args.child.endswith("verify"))
+            result = child_streaming(args.base, args.adapter, args.out, args.merge_device,
+                                     args.child.endswith("verify"))
         from cogumi.merge.stream import peak_rss_mb
 
         print(json.dumps({**result, "peak_rss_gb": round(peak_rss_mb() / 1024, 2), "versions": versions()}))
@@ -266,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         weights = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         # the versions the children imported (the parent's may differ when PYTHONPATH shadows packages)
         ran = {json.dumps(r["versions"], sort_keys=True) for r in rows if "versions" in r}
-        summary = {"size": args.size, "device": args.device, "base_gb": round(weights / 1e9, 2),
-                   "shards": len(list(base.glob("*.safetensors"))), "cpus": os.cpu_count(),
+        summary = {"size": args.size, "device": args.device, "merge_device": args.merge_device,
+                   "base_gb": round(weights / 1e9, 2), "shards": len(list(base.glob("*.safetensors"))),
+                   "cpus": os.cpu_count(),
                    "date": time.strftime("%Y-%m-%d"), "versions_children_ran": [json.loads(v) for v in ran],
                    "rows": rows}
         print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))

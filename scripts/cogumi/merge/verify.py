@@ -7,6 +7,8 @@ otherwise need a loose tolerance that a wrong scale or a missing module could hi
 Memory: the two models are never resident together. Base + adapter is loaded, run and freed (its logits kept,
 a few MB) before the merged model loads, so the peak is one float32 model: 4 bytes a parameter, about 32 GB for
 an 8B, on the GPU when there is one. That is why `--no-verify` exists for machines that cannot hold it.
+Weights are read with plain file reads through one small buffer per shard and widened on the device: an mmap'd
+load (from_pretrained) kept a whole 5 GB shard resident in the process while it was copied to the GPU.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ PROMPTS = [
 # scale, a transposed delta or a dropped module moves logits by the adapter's whole effect (79 % of the scale on
 # that 8B bench), and top-1 agreement at decisive positions is checked beside it.
 DEFAULT_RELATIVE_TOLERANCE = {"F32": 1e-5, "BF16": 0.01, "F16": 0.002}
+READ_CHUNK = 64 << 20  # bytes read and copied to the device at a time, per shard
 
 
 def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, *, prompts: int = 4,
@@ -47,16 +50,21 @@ def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, *, prompts
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inputs = encode_prompts(merged_dir, prompts)
+    loaded = time.perf_counter()
     reference, plain = _run(lambda: _load_with_adapter(base_dir, adapter_dir, device), inputs, device,
                             without_adapter=True)
+    between = time.perf_counter()
     merged = _run(lambda: _load(merged_dir, device), inputs, device)
+    stages = {"tokenizer": loaded - started, "base_with_adapter": between - loaded,
+              "merged": time.perf_counter() - between}
     scale = max(float(r.abs().max()) for r in reference)
     tolerance = max_abs_diff if max_abs_diff is not None else default_tolerance(dtype, scale, num_layers(merged_dir))
     result = compare_logits(reference, merged, tolerance)
     effect = max(float((r - p).abs().max()) for r, p in zip(reference, plain, strict=True))
     result.update(prompts=len(inputs), device=str(device), compute_dtype="float32", max_abs_diff_allowed=tolerance,
                   min_top1_agreement=min_top1, reference_logit_max=scale, adapter_effect_max_abs=effect,
-                  seconds=round(time.perf_counter() - started, 3), skipped=False)
+                  seconds=round(time.perf_counter() - started, 3), skipped=False,
+                  seconds_by_stage={k: round(v, 3) for k, v in stages.items()})  # each model: load + forward
     result["passed"] = result["max_abs_diff"] <= tolerance and result["top1_agreement"] >= min_top1
     if effect <= tolerance:
         result["warning"] = "the adapter changes the logits by less than the tolerance: this check cannot see it"
@@ -116,15 +124,71 @@ def _run(load, inputs: list[torch.Tensor], device: torch.device, *, without_adap
 
 
 def _load(model_dir: Path, device: torch.device):
-    from transformers import AutoModelForCausalLM
+    """The model in float32 on `device`: built without weights, then filled from the safetensors files."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if device.type == "cuda":
-        # Straight onto the GPU in the stored dtype, widened to float32 there: the exact same values as a float32
-        # load, without converting every tensor on the CPU first (the slow part of loading an 8B in float32).
-        model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype="auto", low_cpu_mem_usage=True,
-                                                     device_map={"": device})
-        return model.float().eval()
-    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, low_cpu_mem_usage=True).eval()
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():  # parameters on the meta device; buffers (rotary frequencies) real, on the CPU
+        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    expected = set(model.state_dict())
+    state = read_weights(model_dir, device, keep=expected)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # a tied LM head is stored once, as the embedding
+    missing = sorted(name for name, param in model.named_parameters() if param.is_meta)
+    if missing:
+        from cogumi.core.errors import UserError
+
+        raise UserError(f"{len(missing)} weights of the model are not in its safetensors files, e.g. {missing[0]}",
+                        where=str(model_dir), fix="the folder is incomplete: re-create it (merge again, FORCE=1)")
+    return model.to(device).eval()
+
+
+def read_weights(model_dir: Path, device: torch.device, keep: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor named in `keep`, in float32 on `device`, read shard by shard in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cogumi.merge.inputs import scan_base
+
+    shards = scan_base(model_dir)
+    state: dict[str, torch.Tensor] = {}
+    with ThreadPoolExecutor(max(1, min(4, len(shards))), "verify-read") as pool:
+        for part in pool.map(lambda shard: _read_shard(shard, device, keep), shards):
+            state.update(part)
+    return state
+
+
+def _read_shard(shard, device: torch.device, keep: set[str]) -> dict[str, torch.Tensor]:
+    from cogumi.merge.write import DTYPES
+
+    on_gpu = device.type == "cuda"
+    staging = torch.empty(READ_CHUNK, dtype=torch.uint8, pin_memory=on_gpu)
+    # bytes go to the GPU as they are and are widened there (a cross-device copy_ that also changes the dtype
+    # would convert on the CPU first)
+    landing = torch.empty(READ_CHUNK, dtype=torch.uint8, device=device) if on_gpu else staging
+    out = {}
+    with open(shard.path, "rb", buffering=0) as fh:
+        for name, info in shard.entries.items():
+            if name not in keep:
+                continue
+            dtype = DTYPES[info["dtype"]]
+            tensor = torch.empty(info["shape"], dtype=torch.float32, device=device)
+            flat, size = tensor.view(-1), dtype.itemsize
+            start, stop = info["data_offsets"]
+            fh.seek(shard.data_start + start)
+            done, step = 0, READ_CHUNK // size
+            while done < flat.numel():
+                count = min(step, flat.numel() - done)
+                view = staging[: count * size]
+                if fh.readinto(memoryview(view.numpy())) != count * size:
+                    raise OSError(f"{shard.path} ended early")
+                landed = landing[: count * size]
+                if on_gpu:
+                    landed.copy_(view)
+                flat[done: done + count].copy_(landed.view(dtype))
+                done += count
+            out[name] = tensor
+    return out
 
 
 def _load_with_adapter(base_dir: Path, adapter_dir: Path, device: torch.device):
