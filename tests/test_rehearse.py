@@ -25,3 +25,40 @@ def test_rehearsal_of_the_demo_runs_every_step_prints_the_card_and_leaves_nothin
     assert "300 steps" in out  # the prediction is for the real config (train.max_steps: 300), not the rehearsal's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_base"]  # no run folder, no hidden folder left
     assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in base.iterdir()) == before
+
+
+def _rehearsal_inputs():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rehearsal_inputs", REPO_ROOT / "scripts/bench/rehearsal_inputs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rehearsal_inputs_export_the_phase_problems_exactly(tmp_path):
+    from cogumi.evaluate.sources import load_task
+
+    inputs = _rehearsal_inputs()
+    math_file, code_file = inputs.export_eval(tmp_path)
+    for source, path in (("math500", math_file), ("humaneval", code_file)):
+        built_in, exported = load_task(source), load_task(str(path))
+        assert len(exported) == len(built_in) > 100
+        keep = ("task", "id", "prompt", "answer", "tests", "entry_point")
+        assert [[getattr(p, k) for k in keep] for p in exported] == [[getattr(p, k) for k in keep] for p in built_in]
+
+
+def test_rehearsal_train_data_has_the_mix_lengths(tmp_path):
+    import json
+    import statistics
+
+    from cogumi.demo.tiny import build_tokenizer
+
+    inputs = _rehearsal_inputs()
+    tokenizer = build_tokenizer()
+    stats = inputs.write_train_data(tmp_path / "train.jsonl", tokenizer, 200)
+    rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["rows"] == 200
+    encoded = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True)) for r in rows]
+    # within 15 % of the lengths they stand for: tokens/s measured on them is the real mix's
+    assert abs(statistics.mean(encoded) / stats["mean_tokens"] - 1) < 0.15, (statistics.mean(encoded), stats)
