@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config_path = str(phase_config_path(args.phase))
     real = load_config(config_path, args.overrides)  # every config mistake surfaces here, before any work
-    rows, tokens_per_row = rehearsal.data_shape(real)
+    rows, tokens = rehearsal.data_shape(real)
     root = rehearsal.rehearsal_root(real)
     step_args = ["--phase", config_path, *args.overrides, *rehearsal.overrides_for(root, args.steps, args.problems)]
     config = load_config(config_path, step_args[2:])
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         rehearsal.run_step("validate", rehearsal.VALIDATE, step_args, measured, ok=(0, 1))
         rehearsal.measure(config, measured)
         problems = rehearsal.full_problem_counts(real, config_path, config.merged_dir)
-        card = rehearsal.predict(real, measured, tokens_per_row, rows, problems, rehearsal.base_size(real))
+        card = rehearsal.predict(real, measured, rows, tokens, args.steps, problems, rehearsal.base_size(real))
     finally:
         rehearsal.cleanup(root)
     print("\n".join(card.lines))

@@ -102,29 +102,36 @@ class Card:
     predicted: dict
 
 
-def predict(real: PhaseConfig, measured: Measured, data_tokens_per_row: float, rows: int,
+def predict(real: PhaseConfig, measured: Measured, rows: int, tokens: int, rehearsal_steps: int,
             full_problems: dict, base_bytes: int) -> Card:
-    """The whole phase from what the rehearsal measured."""
+    """The whole phase from what the rehearsal measured. `rows` and `tokens`: the training items (examples, or
+    packed rows) and real tokens the trainer will count for the real run, so steps and tokens match its own plan."""
     from cogumi.train.trainer import effective_batch, make_plan
 
-    plan = make_plan(real, rows)
-    train_tokens = plan.total_steps * effective_batch(real) * data_tokens_per_row
-    train_s = train_tokens / measured.train_tokens_per_s if measured.train_tokens_per_s else float("nan")
-    merge_s = measured.merge_report.get("wall_seconds", measured.seconds.get("merge", 0.0))
+    plan = make_plan(real, rows, tokens)
+    tokens_per_step = effective_batch(real) * tokens / rows
+    train_tokens = plan.total_steps * tokens_per_step
+    tps = measured.train_tokens_per_s
+    # each training process pays a fixed cost the steps do not show (imports, loading the base, the memory probe,
+    # the adapter export): the rehearsal's two runs (stopped, then resumed) measure it
+    fixed_s = max(0.0, (measured.seconds["train"] - rehearsal_steps * tokens_per_step / tps) / 2) if tps else 0.0
+    train_s = train_tokens / tps + fixed_s if tps else float("nan")
+    merge_s = measured.seconds.get("merge", 0.0)  # the same base, the same size: the whole process as measured
     generation_s = sum(v["generation_s"] / max(1, v["prompts"]) * full_problems[t]
                        for t, v in measured.validation.items())
     overhead_s = measured.seconds["validate"] - sum(v["generation_s"] for v in measured.validation.values())
     validate_s = generation_s + max(0.0, overhead_s)
     total_s = train_s + merge_s + validate_s
     peak_disk = base_bytes + (real.checkpoints.keep_last + 1) * measured.checkpoint_bytes + measured.merged_bytes
-    predicted = {"train_s": round(train_s, 1), "merge_s": round(merge_s, 1), "validate_s": round(validate_s, 1),
-                 "total_s": round(total_s, 1), "gpu_hours": round(total_s / 3600, 3), "peak_disk_bytes": peak_disk,
+    predicted = {"train_s": round(train_s, 1), "train_fixed_s": round(fixed_s, 1), "merge_s": round(merge_s, 1),
+                 "validate_s": round(validate_s, 1), "total_s": round(total_s, 1),
+                 "gpu_hours": round(total_s / 3600, 3), "peak_disk_bytes": peak_disk,
                  "train_steps": plan.total_steps, "train_tokens": round(train_tokens),
-                 "train_tokens_per_s": round(measured.train_tokens_per_s, 1), "problems": full_problems}
+                 "train_tokens_per_s": round(tps, 1), "problems": full_problems}
     lines = [
         f"== run card: {real.name} (predicted from this rehearsal on this machine) ==",
         f"  train     {_hours(train_s)}  {plan.total_steps} steps, {train_tokens / 1e6:.1f} M tokens at "
-        f"{measured.train_tokens_per_s:,.0f} tokens/s (measured)",
+        f"{tps:,.0f} tokens/s (measured), + {fixed_s:.0f} s to start and finish",
         f"  merge     {_hours(merge_s)}  as measured, with verification",
         f"  validate  {_hours(validate_s)}  {sum(full_problems.values())} problems x 2 models at the measured "
         f"seconds per problem, plus loading and judging as measured",
@@ -141,18 +148,18 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:6.2f} h" if seconds >= 3600 else f"{seconds / 60:6.1f} min"
 
 
-def data_shape(real: PhaseConfig) -> tuple[int, float]:
-    """(training rows, tokens per example as the trainer encodes them), with the base's own tokenizer."""
+def data_shape(real: PhaseConfig) -> tuple[int, int]:
+    """(training items, real tokens) exactly as the trainer counts them: examples, or packed rows when
+    data.packing is on, encoded with the base's own tokenizer."""
     from transformers import AutoTokenizer
 
     from cogumi.core.hub import local_folder
-    from cogumi.train.data import DataStats, encode_rows, read_data
+    from cogumi.train.data import encode_data, read_data
 
-    data = read_data(real.data)
     base = local_folder(real.base_model) or real.base_model
-    stats = DataStats(source=data.source)
-    encode_rows(AutoTokenizer.from_pretrained(str(base)), data.rows, real.data.max_seq_len, stats)
-    return len(data.rows), stats.tokens / max(1, stats.examples)
+    encoded = encode_data(real.data, read_data(real.data), AutoTokenizer.from_pretrained(str(base)),
+                          seed=real.train.seed)
+    return len(encoded.items), encoded.stats.tokens
 
 
 def full_problem_counts(real: PhaseConfig, config_path: str, candidate: Path) -> dict:
