@@ -62,3 +62,18 @@ def test_rehearsal_train_data_has_the_mix_lengths(tmp_path):
     encoded = [len(tokenizer.apply_chat_template(r["messages"], tokenize=True)) for r in rows]
     # within 15 % of the lengths they stand for: tokens/s measured on them is the real mix's
     assert abs(statistics.mean(encoded) / stats["mean_tokens"] - 1) < 0.15, (statistics.mean(encoded), stats)
+
+
+def test_the_card_counts_packed_rows_as_the_trainer_does(tiny_model_dir):
+    # phase 1A packs: the card once counted examples as rows, predicting ~7x the steps the trainer plans (B34)
+    from cogumi import rehearsal
+    from cogumi.core.config import load_config, phase_config_path
+    from cogumi.train.trainer import make_plan
+
+    common = [f"base_model={tiny_model_dir}", "data.max_seq_len=1024", "train.max_steps=null"]
+    unpacked = load_config(phase_config_path("demo"), [*common, "data.packing=false"])
+    packed = load_config(phase_config_path("demo"), [*common, "data.packing=true"])
+    examples, tokens = rehearsal.data_shape(unpacked)
+    rows, packed_tokens = rehearsal.data_shape(packed)
+    assert packed_tokens == tokens and rows < examples / 4  # ~10 demo examples fit one 1024-token row
+    assert make_plan(packed, rows, tokens).total_steps < make_plan(packed, examples, tokens).total_steps
