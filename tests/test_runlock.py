@@ -13,9 +13,9 @@ import pytest
 
 from cogumi.core import runlock
 from cogumi.core.errors import UserError
+from cogumi.core.paths import SCRIPTS_DIR
 from cogumi.core.switches import parse_bool, switch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 HOLD = """
 import sys, time
 sys.path.insert(0, {scripts!r})
@@ -28,7 +28,7 @@ with runlock.hold({root!r}, "phase1a", "training of phase1a"):
 
 def holder(root: Path) -> subprocess.Popen:
     """Another process holding phase1a's lock, as a running `make train` does."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(scripts=str(SCRIPTS), root=str(root))],
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(scripts=str(SCRIPTS_DIR), root=str(root))],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
