@@ -67,8 +67,8 @@ def test_second_holder_is_refused_naming_the_pid_and_kill_9_leaves_no_stale_lock
     assert not runlock.lock_path(tmp_path, "phase1a").exists()  # a clean release removes the file
 
 
-@pytest.mark.parametrize("script", ["train_phase1a_fullprecision.py", "merge_adapter_fullprecision.py"])
-def test_train_and_merge_of_a_running_run_exit_2(tmp_path, script, run_script):
+@pytest.mark.parametrize("script", ["train_phase1a_fullprecision.py", "merge_adapter_fullprecision.py", "benchmark.py"])
+def test_train_merge_and_validate_of_a_running_run_exit_2(tmp_path, script, run_script):
     cfg = tmp_path / "phase1a.yaml"
     cfg.write_text(f"name: phase1a\noutput_root: {tmp_path}\nbase_model: {tmp_path / 'no-base'}\n")
     first = holder(tmp_path)
@@ -83,6 +83,29 @@ def test_train_and_merge_of_a_running_run_exit_2(tmp_path, script, run_script):
     assert any(f"already running (pid {first.pid})" in line for line in second.stderr.splitlines()), second.stderr
     assert "ERROR" in second.stderr and time.monotonic() - started < 300, first_line
     assert sorted(p.name for p in tmp_path.iterdir()) == [".phase1a.lock", "phase1a.yaml"]  # nothing else made
+
+
+def test_a_running_validation_holds_the_lock_of_its_run(tmp_path, monkeypatch, run_script):
+    # While `make validate` runs, a merge of the same run (which would replace the model being read) is refused.
+    import benchmark
+
+    from cogumi.evaluate import validate
+
+    cfg = tmp_path / "phase1a.yaml"
+    cfg.write_text(f"name: phase1a\noutput_root: {tmp_path}\nbase_model: {tmp_path / 'no-base'}\n")
+    merges = []
+
+    def merge_meanwhile(*_args):
+        merges.append(run_script("merge_adapter_fullprecision.py", "--phase", str(cfg), timeout=300))
+        raise RuntimeError("validation stopped by the test")
+
+    monkeypatch.setattr(validate, "build_plan", merge_meanwhile)
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        benchmark.main(["--phase", str(cfg)])
+    (merge,) = merges
+    assert merge.returncode == 2, merge.stderr[-2000:]
+    assert f"training, merge or validation of phase1a is already running (pid {os.getpid()})" in merge.stderr
+    assert not runlock.lock_path(tmp_path, "phase1a").exists()  # released on the way out, by an error too
 
 
 def test_read_only_output_folder_is_one_clear_error(tmp_path, run_script):
