@@ -7,7 +7,8 @@
 
 Flow: config -> problems -> generate (candidate, then the baseline unless stored samples) -> judge -> pair ->
 gates -> reports in <candidate>/validation/. Exit 0 and the VALIDATED stamp only when every gate passes;
-otherwise exit 1 and any earlier stamp is gone.
+otherwise exit 1 and any earlier stamp is gone. One training, merge or validation of a phase at a time
+(cogumi.core.runlock): a second one exits 2 naming the first one's pid.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 # The code judge forks worker processes after the tokenizer ran; tokenizers' threads cannot survive a fork.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from cogumi.core import runlock
 from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.errors import EXIT_FAILED, EXIT_OK, run_main
 from cogumi.core.stamp import remove_stamp
@@ -45,7 +47,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config_path = phase_config_path(args.phase)
     config = load_config(config_path, args.overrides)
-    plan = validate.build_plan(config, args, str(config_path))
+    # One process per run: a merge in progress replaces the model this reads; two validations of one model would
+    # write the same reports and stamp.
+    with runlock.hold_run(config.run_dir.parent, config.name):
+        return run_validation(config, args, str(config_path))
+
+
+def run_validation(config, args, config_path: str) -> int:
+    plan = validate.build_plan(config, args, config_path)
     v = config.validate
     log.info("candidate %s vs baseline %s%s; tasks %s; limit %s; max_new_tokens %d; batch %d", plan.candidate,
              plan.baseline, " (stored samples)" if plan.baseline_stored else "", plan.tasks, plan.limit,

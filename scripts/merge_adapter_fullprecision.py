@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(phase_config_path(args.phase), args.overrides)
     job = build_job(config, args)
     # One process per run: a merge while the same run trains or merges would read or replace half-written files.
-    with runlock.hold(config.run_dir.parent, config.name, f"training or merge of {config.name}"):
+    with runlock.hold_run(config.run_dir.parent, config.name):
         report = stream.run_merge(job)
     summarize(report)
     return EXIT_OK if report["passed"] else EXIT_FAILED

@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     check_gates(config.validate.gates, list(config.validate.tasks), source=f"{args.phase}: validate.gates")
     runtime = resolve_runtime(config.train, packing=config.data.packing)
     # One run of a phase at a time: rank 0 holds the lock for the whole run (torchrun's ranks are one run).
-    lock = runlock.hold(config.run_dir.parent, config.name, f"training of {config.name}") if runtime.is_main \
-        else nullcontext()
+    lock = runlock.hold_run(config.run_dir.parent, config.name) if runtime.is_main else nullcontext()
     # Fused kernels patch model classes, so they go on before any model is built, and come off at the end.
     with distributed.session(runtime), lock, fast_path(config.train.liger, runtime.device.type) as applied:
         return train(config, dataclasses.replace(runtime, fast_path=applied), args.phase, args.overrides,

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO_ROOT / "scripts"
-# The library and entry scripts, and the speed benchmarks (imported by their tests as plain modules).
-for folder in (SCRIPTS, SCRIPTS / "bench"):
+# The library and entry scripts, and the speed benchmarks (imported by their tests as plain modules). The one path
+# worked out from here: scripts/ itself, to import cogumi.core.paths, where every other path comes from.
+_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+for folder in (_SCRIPTS, _SCRIPTS / "bench"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+
+from cogumi.core.paths import REPO_ROOT, SCRIPTS_DIR  # noqa: E402  (found through the sys.path entry above)
 
 # Tests never reach a hub: everything they load is built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,8 +75,8 @@ def run_script():
     import subprocess
 
     def _run(script: str, *args: str, env: dict | None = None, timeout: float = 600, **kwargs):
-        full_env = {**os.environ, "PYTHONPATH": str(SCRIPTS), **(env or {})}
-        return subprocess.run([sys.executable, str(SCRIPTS / script), *args], cwd=REPO_ROOT, env=full_env,
+        full_env = {**os.environ, "PYTHONPATH": str(SCRIPTS_DIR), **(env or {})}
+        return subprocess.run([sys.executable, str(SCRIPTS_DIR / script), *args], cwd=REPO_ROOT, env=full_env,
                               capture_output=True, text=True, timeout=timeout, **kwargs)
 
     return _run

@@ -152,15 +152,15 @@ def test_chunked_cross_entropy_matches_torch():
 
 
 def test_fused_lora_not_used_with_dropout(fast_path):
-    from cogumi.train.fastpath import _fusable
+    from cogumi.train.fastpath import fusable
 
     model = _tiny_lora(dropout=0.1)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(1, 4, layer.in_features)
-    assert _fusable(layer, x, (), {}) is None
+    assert fusable(layer, x, (), {}) is None
     model = _tiny_lora(dropout=0.0)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    assert _fusable(layer, x, (), {}) == "default"
+    assert fusable(layer, x, (), {}) == "default"
 
 
 def test_selective_checkpointing_same_gradients(fast_path):

@@ -10,7 +10,7 @@ import yaml
 
 from cogumi.core.errors import UserError
 from cogumi.core.stamp import VALIDATED_STAMP
-from cogumi.evaluate.generate import _until_stop, end_of_turn_ids, generate, load_model
+from cogumi.evaluate.generate import end_of_turn_ids, generate, load_model, tokens_until_stop
 from cogumi.evaluate.pairing import check_gates, evaluate_gates, summarize
 from cogumi.evaluate.records import Problem
 from cogumi.evaluate.report import baseline_outputs, read_baseline_samples, render_markdown, write_reports
@@ -48,8 +48,8 @@ def test_stop_ids_come_from_generation_config(tiny_model_dir):
 
     assert end_of_turn_ids(GenConfig(), loaded.tokenizer) == [7, eot]
     # Tokens after a row's first stop token are padding, not generated work.
-    assert _until_stop([5, 6, eot, 0, 0], [eot]) == 3
-    assert _until_stop([5, 6, 9], [eot]) == 3
+    assert tokens_until_stop([5, 6, eot, 0, 0], [eot]) == 3
+    assert tokens_until_stop([5, 6, 9], [eot]) == 3
 
 
 # --- reports and stored baselines --------------------------------------------------------------------------

@@ -2,9 +2,8 @@
 
 import subprocess
 import tarfile
-from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cogumi.core.paths import REPO_ROOT
 
 
 def test_bundle_has_what_a_gpu_box_needs_and_nothing_heavy(tmp_path):

@@ -23,11 +23,11 @@ import torch
 from train_helpers import TRAIN_SCRIPT, adapter_weights, max_diff, run_dir, write_config
 
 from cogumi.core.errors import UserError
+from cogumi.core.paths import REPO_ROOT, SCRIPTS_DIR
 from cogumi.train.checkpoints import list_complete
 from cogumi.train.trainer import STATE_FILE
 from cogumi.train.trainlog import read_log
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
 SECTIONS = {"train": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "log_every": 1},
             "checkpoints": {"save_steps": 2, "keep_last": 3}}
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def torchrun(config: Path, nproc: int = 2) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts"), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS_DIR), "OMP_NUM_THREADS": "1",
            "COGUMI_DIST_TIMEOUT_S": "60"}  # a backstop: torchrun itself ends the others when a rank dies
     env.pop("FORCE", None)
     env.pop("RESUME", None)

@@ -5,15 +5,13 @@ CODE-style problems with McNemar p < 0.05, so a regression anywhere in train -> 
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
 
 from cogumi.core.integrity import weights_sha256
+from cogumi.core.paths import REPO_ROOT
 from cogumi.demo import tasks as demo_data
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_shipped_demo_data_is_the_generators_output_and_held_out_is_disjoint():

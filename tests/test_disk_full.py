@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from tmpfs_util import fill_file
 
+from cogumi.core.paths import SCRIPTS_DIR
 from cogumi.train.checkpoints import COMPLETE, latest_complete, list_complete
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-TRAIN = SCRIPTS / "train_phase1a_fullprecision.py"
+TRAIN = SCRIPTS_DIR / "train_phase1a_fullprecision.py"
 MB = 1024 * 1024
 SAVE_STEPS, MAX_STEPS = 3, 30
 FILL_AFTER = 6  # the other writer fills the disk once checkpoint-6 is complete
@@ -55,7 +55,7 @@ disk: {{margin_mb: 1, interval: 600}}
 
 def start(cfg: Path, log: Path) -> subprocess.Popen:
     """The trainer as a real subprocess, output to a file (a full pipe must never stall it)."""
-    env = {**os.environ, "PYTHONPATH": str(SCRIPTS), "RESUME": "1"}
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS_DIR), "RESUME": "1"}
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, str(TRAIN), "--phase", str(cfg)], env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, text=True)

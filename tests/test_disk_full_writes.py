@@ -13,6 +13,7 @@ from tmpfs_util import fill_file, mount_tmpfs, unmount
 
 from cogumi.core.config import load_config
 from cogumi.core.errors import UserError
+from cogumi.core.paths import SCRIPTS_DIR
 from cogumi.train.checkpoints import DiskStop
 from cogumi.train.trainlog import append_row, read_log, truncate_log
 
@@ -111,7 +112,6 @@ def test_disk_filling_between_saves_stops_with_3_and_the_same_command_finishes(s
     import sys
     import time
 
-    scripts = Path(__file__).resolve().parents[1] / "scripts"
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "response": f"{2 * i}."}) + "\n"
                             for i in range(16)))
@@ -125,8 +125,8 @@ train: {{max_steps: 40, micro_batch_size: 2, grad_accum: 1, log_every: 1, seed: 
 checkpoints: {{save_steps: 5, keep_last: 1}}
 disk: {{margin_mb: 0, monitor: false}}
 """)
-    env = {**os.environ, "PYTHONPATH": str(scripts), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(scripts / "train_phase1a_fullprecision.py"), "--phase", str(cfg)]
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS_DIR), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(SCRIPTS_DIR / "train_phase1a_fullprecision.py"), "--phase", str(cfg)]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = small_fs / "fillrun" / "train_log.jsonl"
     first = small_fs / "fillrun" / "checkpoint-5" / "COMPLETE"

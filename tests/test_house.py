@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cogumi.core.paths import REPO_ROOT
+
 SCRIPTS = REPO_ROOT / "scripts"
 LIBRARY = SCRIPTS / "cogumi"
 ENTRY_SCRIPTS = sorted([*SCRIPTS.glob("*.py"), *(SCRIPTS / "bench").glob("*.py")])
@@ -160,3 +161,12 @@ def test_no_test_module_imports_another():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             found += [f"{path.name}: {n}" for n in names if n.split(".")[0].startswith(("test_", "conftest"))]
     assert found == [], "share fixtures through conftest.py and helpers through a helper module"
+
+
+def test_tests_take_the_repository_paths_from_cogumi_core_paths():
+    # One definition of the repository root (cogumi.core.paths.REPO_ROOT); only conftest.py finds scripts/ from its
+    # own place, to put it on sys.path.
+    own = re.compile(r"Path\(__file__\)|os\.path\.dirname\(__file__\)")
+    tests = [p for p in (REPO_ROOT / "tests").glob("*.py") if p.name != "conftest.py" and p != Path(__file__)]
+    assert len(tests) > 20
+    assert [p.name for p in tests if own.search(p.read_text(encoding="utf-8"))] == []

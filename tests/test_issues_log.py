@@ -3,7 +3,8 @@
 import re
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cogumi.core.paths import REPO_ROOT
+
 REFERENCE = re.compile(r"`((?:scripts|tests)/[\w/.-]+\.(?:py|sh))(?:::(\w+))?`")
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
-from cogumi.evaluate import judge_math as jm
 from cogumi.evaluate.judge_math import compare, extract_answer_with_source, judge_math
 
 
@@ -61,20 +66,43 @@ def test_unsupported_latex_is_a_judge_error_with_its_cause():
     assert not garbage.passed and not garbage.judge_error
 
 
-def test_a_dead_worker_is_named_as_such(monkeypatch):
-    # A worker that starts and dies on the first comparison: the cause is its exit, not a start-up timeout.
-    monkeypatch.setattr(jm._WORKER, "_proc", None)
-    original = jm._WORKER._start
+def judge_workers() -> list[tuple[int, str]]:
+    """(pid, state) of this process's sympy judge workers, read from /proc: children running math_equal's loop."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(ppid) == os.getpid() and b"math_equal import serve" in command:
+            found.append((int(entry.name), state))
+    return found
 
-    def start_then_die():
-        cause = original()
-        jm._WORKER._proc.stdin.write("not json\n")  # the real worker's loop raises on this line and exits
-        jm._WORKER._proc.stdin.flush()
-        jm._WORKER._proc.wait(timeout=30)
-        return cause
 
-    monkeypatch.setattr(jm._WORKER, "_start", start_then_die)
-    verdict = judge_math("\\boxed{x+1}", "1+x")
-    assert verdict.judge_error
-    assert verdict.reason.startswith("judge_error: the judge worker died (exit code 1)")
-    assert "JSONDecodeError" in verdict.reason
+@pytest.mark.parametrize("signum, death", [
+    (signal.SIGKILL, "the judge worker died (killed by signal 9)"),  # as the OOM killer does: nothing on stderr
+    (signal.SIGINT, "the judge worker died (killed by signal 2): KeyboardInterrupt"),  # its last stderr line
+])
+def test_a_dead_worker_is_named_as_such(signum, death):
+    # The worker dies in the middle of a comparison: the cause is its death, never the time limit. Its output
+    # closes before its exit status exists; reading the end of file as "no answer yet" blamed the time limit.
+    assert compare("2\\sqrt{2}", "\\sqrt{8}").equal is True  # the worker is up, idle, waiting for a line
+    (pid, _), = judge_workers()
+    verdicts = []
+    comparison = threading.Thread(target=lambda: verdicts.append(judge_math("\\boxed{9^{9^{9^{9}}}}", "2",
+                                                                            timeout_s=120)))
+    comparison.start()
+    deadline = time.monotonic() + 60
+    while dict(judge_workers()).get(pid) != "R":  # running: it has the comparison
+        assert time.monotonic() < deadline and comparison.is_alive(), judge_workers()
+        time.sleep(0.005)
+    os.kill(pid, signum)
+    comparison.join(timeout=60)
+    assert not comparison.is_alive()
+    (verdict,) = verdicts
+    assert verdict.judge_error and not verdict.passed
+    assert verdict.reason == f"judge_error: {death}"
+    assert compare("2\\sqrt{2}", "\\sqrt{8}").equal is True  # a fresh worker takes the next comparison

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from check_env import normalize, read_lock
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cogumi.core.paths import REPO_ROOT, SCRIPTS_DIR
+
 REQ = REPO_ROOT / "requirements"
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
-from check_env import normalize, read_lock  # noqa: E402
 
 IN_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:==\s*([^\s;#]+))?")
 
@@ -73,7 +73,7 @@ def test_numpy_is_1x_in_the_lock():
 
 @pytest.mark.slow
 def test_check_env_passes_here_and_fails_on_a_drifted_lock(tmp_path):
-    script = REPO_ROOT / "scripts" / "check_env.py"
+    script = SCRIPTS_DIR / "check_env.py"
     ok = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "stack check passed" in ok.stdout

@@ -18,13 +18,11 @@ from safetensors.torch import load_file, save_file
 from cogumi.core import fsutil
 from cogumi.core.errors import EXIT_FAILED, UserError
 from cogumi.core.manifest import read_manifest, sha256_file, weights_fingerprint
+from cogumi.core.paths import SCRIPTS_DIR
 from cogumi.core.safetensors_io import read_header, tensor_entries, weight_files
 from cogumi.demo.tiny import save_tiny_model
 from cogumi.merge import plan
 from cogumi.merge.stream import run_merge
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
 
 # ---------------------------------------------------------------- helpers
 
@@ -361,7 +359,7 @@ def test_peak_memory_grows_by_less_than_two_shards(tiny_sharded_bf16_dir, tmp_pa
     assert len(shards) >= 3 and sum(shards) > 2 * max(shards)  # loading the whole model would fail the bound
     result = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(tiny_sharded_bf16_dir), str(small_adapter),
                              str(base), str(adapter), str(tmp_path / "merged")], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(SCRIPTS)}, timeout=600)
+                            env={**os.environ, "PYTHONPATH": str(SCRIPTS_DIR)}, timeout=600)
     assert result.returncode == 0, result.stderr
     numbers = json.loads(result.stdout.strip().splitlines()[-1])
     growth = (numbers["peak_mb"] - numbers["rss_before_mb"]) * 2**20

@@ -20,12 +20,11 @@ from tmpfs_util import fill_file
 from cogumi.core import fsutil
 from cogumi.core.errors import EXIT_DISK_STOP, UserError
 from cogumi.core.manifest import read_manifest, sha256_file
+from cogumi.core.paths import SCRIPTS_DIR
 from cogumi.core.safetensors_io import weight_files
 from cogumi.merge import plan
 from cogumi.merge.outputs import MergeDiskStop
 from cogumi.merge.stream import run_merge
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture()
@@ -141,7 +140,7 @@ def test_ctrl_c_during_the_merge_removes_the_partial_output_then_the_same_merge_
         tiny_sharded_bf16_dir, bf16_adapter, tmp_path):
     out = tmp_path / "merged"
     args = [sys.executable, "-c", CHILD, str(tiny_sharded_bf16_dir), str(bf16_adapter), str(out)]
-    env = {**os.environ, "PYTHONPATH": str(SCRIPTS)}
+    env = {**os.environ, "PYTHONPATH": str(SCRIPTS_DIR)}
     child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not any((tmp / "config.json").exists() for tmp in tmp_path.glob(".merged.tmp-*")):

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from tmpfs_util import fill_file, used_pct
 
-MONITOR = Path(__file__).resolve().parents[1] / "scripts" / "monitor_disk.py"
+from cogumi.core.paths import SCRIPTS_DIR
+
+MONITOR = SCRIPTS_DIR / "monitor_disk.py"
 SIZE = 4 * 1024 * 1024  # 1024 pages of 4 KiB: percentages land exactly on page multiples
 
 

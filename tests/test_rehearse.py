@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cogumi.core.paths import REPO_ROOT
 
 
 @pytest.mark.slow

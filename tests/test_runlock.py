@@ -13,9 +13,9 @@ import pytest
 
 from cogumi.core import runlock
 from cogumi.core.errors import UserError
+from cogumi.core.paths import SCRIPTS_DIR
 from cogumi.core.switches import parse_bool, switch
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 HOLD = """
 import sys, time
 sys.path.insert(0, {scripts!r})
@@ -28,7 +28,7 @@ with runlock.hold({root!r}, "phase1a", "training of phase1a"):
 
 def holder(root: Path) -> subprocess.Popen:
     """Another process holding phase1a's lock, as a running `make train` does."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(scripts=str(SCRIPTS), root=str(root))],
+    proc = subprocess.Popen([sys.executable, "-c", HOLD.format(scripts=str(SCRIPTS_DIR), root=str(root))],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -67,8 +67,8 @@ def test_second_holder_is_refused_naming_the_pid_and_kill_9_leaves_no_stale_lock
     assert not runlock.lock_path(tmp_path, "phase1a").exists()  # a clean release removes the file
 
 
-@pytest.mark.parametrize("script", ["train_phase1a_fullprecision.py", "merge_adapter_fullprecision.py"])
-def test_train_and_merge_of_a_running_run_exit_2(tmp_path, script, run_script):
+@pytest.mark.parametrize("script", ["train_phase1a_fullprecision.py", "merge_adapter_fullprecision.py", "benchmark.py"])
+def test_train_merge_and_validate_of_a_running_run_exit_2(tmp_path, script, run_script):
     cfg = tmp_path / "phase1a.yaml"
     cfg.write_text(f"name: phase1a\noutput_root: {tmp_path}\nbase_model: {tmp_path / 'no-base'}\n")
     first = holder(tmp_path)
@@ -83,6 +83,29 @@ def test_train_and_merge_of_a_running_run_exit_2(tmp_path, script, run_script):
     assert any(f"already running (pid {first.pid})" in line for line in second.stderr.splitlines()), second.stderr
     assert "ERROR" in second.stderr and time.monotonic() - started < 300, first_line
     assert sorted(p.name for p in tmp_path.iterdir()) == [".phase1a.lock", "phase1a.yaml"]  # nothing else made
+
+
+def test_a_running_validation_holds_the_lock_of_its_run(tmp_path, monkeypatch, run_script):
+    # While `make validate` runs, a merge of the same run (which would replace the model being read) is refused.
+    import benchmark
+
+    from cogumi.evaluate import validate
+
+    cfg = tmp_path / "phase1a.yaml"
+    cfg.write_text(f"name: phase1a\noutput_root: {tmp_path}\nbase_model: {tmp_path / 'no-base'}\n")
+    merges = []
+
+    def merge_meanwhile(*_args):
+        merges.append(run_script("merge_adapter_fullprecision.py", "--phase", str(cfg), timeout=300))
+        raise RuntimeError("validation stopped by the test")
+
+    monkeypatch.setattr(validate, "build_plan", merge_meanwhile)
+    with pytest.raises(RuntimeError, match="stopped by the test"):
+        benchmark.main(["--phase", str(cfg)])
+    (merge,) = merges
+    assert merge.returncode == 2, merge.stderr[-2000:]
+    assert f"training, merge or validation of phase1a is already running (pid {os.getpid()})" in merge.stderr
+    assert not runlock.lock_path(tmp_path, "phase1a").exists()  # released on the way out, by an error too
 
 
 def test_read_only_output_folder_is_one_clear_error(tmp_path, run_script):

@@ -86,6 +86,19 @@ def test_isolation_is_probed_and_described():
         assert info.prefix[0].endswith("unshare")
 
 
+def test_a_program_that_imports_numpy_is_judged_on_its_answer():
+    # numpy imports ctypes where it can (`try: import ctypes / except ImportError`); the sandbox's refusal of that
+    # import must be an ImportError, or every numpy program fails on its first line, right or wrong.
+    problem = Problem(task="code", id="numpy", prompt="", tests="assert total([1, 2, 3]) == 6\n",
+                      entry_point="total")
+    right = "```python\nimport numpy as np\n\ndef total(xs):\n    return int(np.sum(np.array(xs)))\n```"
+    wrong = right.replace("np.sum(np.array(xs))", "np.sum(np.array(xs)) + 1")
+    assert judge_code(right, problem).reason == "passed"
+    assert judge_code(wrong, problem).reason.startswith("failed: AssertionError")
+    refused = run_program("try:\n    import ctypes\nexcept ImportError:\n    pass\nimport ctypes\n", **FAST)
+    assert refused.reason == "failed: ImportError: sandbox: import ctypes is not allowed (in the program)"
+
+
 # ------------------------------------------------------------------------------------------------ hostile
 
 TESTS = "assert f(2) == 4\n"

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SETUP = REPO_ROOT / "scripts" / "setup_env.sh"
+from cogumi.core.paths import REPO_ROOT, SCRIPTS_DIR
+
+SETUP = SCRIPTS_DIR / "setup_env.sh"
 
 
 def run_step(body: str, *, path_prefix: Path | None = None, extra_env: dict | None = None):
@@ -72,6 +73,6 @@ def test_second_run_of_setup_is_idempotent_and_keeps_the_lock():
     assert out.returncode == 0, out.stdout + out.stderr
     for label in ("uv 0.13.9", "venv (Python 3.11)", "sync locked stack", "flash-attn (GPU hosts only)"):
         assert f"[setup] {label}" in out.stdout
-    check = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "check_env.py")], capture_output=True,
+    check = subprocess.run([sys.executable, str(SCRIPTS_DIR / "check_env.py")], capture_output=True,
                            text=True, timeout=300)
     assert check.returncode == 0, check.stderr

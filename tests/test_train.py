@@ -20,11 +20,10 @@ from train_helpers import TRAIN_SCRIPT, adapter_weights, max_diff, run_dir, writ
 from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.errors import UserError
 from cogumi.core.manifest import read_manifest, write_manifest
+from cogumi.core.paths import REPO_ROOT, SCRIPTS_DIR
 from cogumi.train.checkpoints import COMPLETE, list_complete
 from cogumi.train.trainer import STATE_FILE
 from cogumi.train.trainlog import read_log
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 train_main = pytest.importorskip("train_phase1a_fullprecision").main
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,7 +181,7 @@ def test_kill_9_at_a_random_step_then_train_again_equals_uninterrupted(tmp_path,
                           disk={"monitor": True}, **sections)  # the sidecar must not outlive a kill -9
     kill_at = random.randint(3, 10)
     proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), "--phase", str(killed)], cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "scripts"), "OMP_NUM_THREADS": "1"},
+                            env={**os.environ, "PYTHONPATH": str(SCRIPTS_DIR), "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log_path = run_dir(killed) / "train_log.jsonl"
     deadline = time.monotonic() + 120

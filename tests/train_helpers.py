@@ -9,8 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 from cogumi.core.config import load_config
+from cogumi.core.paths import SCRIPTS_DIR
 
-TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_phase1a_fullprecision.py"
+TRAIN_SCRIPT = SCRIPTS_DIR / "train_phase1a_fullprecision.py"
 
 
 def write_config(tmp_path: Path, base, data_path: Path, *, name: str = "tinyrun", root: str = "out",

@@ -1,4 +1,4 @@
-"""One run at a time: an advisory lock per run, held by the process that trains or merges it.
+"""One run at a time: an advisory lock per run, held by the process that trains, merges or validates it.
 
 The lock is `fcntl.flock` on `<output_root>/.<name>.lock`. The kernel drops it when the process ends in any way
 (kill -9 included), so a crash never leaves a stale lock that blocks the rerun. The file holds the holder's pid so
@@ -84,3 +84,9 @@ def hold(output_root: Path, name: str, what: str):
         yield path
     finally:
         release(path, fd)
+
+
+def hold_run(output_root: Path, name: str):
+    """The lock of the run `name`, shared by its training, merge and validation: one of them at a time (a merge
+    replaces the model a validation reads; training and merge read and write the same run folder)."""
+    return hold(output_root, name, f"training, merge or validation of {name}")

@@ -144,7 +144,7 @@ def _generate_simple(loaded: LoadedModel, ids: list, order: list[int], max_new_t
             )
         wall += time.perf_counter() - t0  # .generate returns after the device finished (tokens are checked)
         for i, row in zip(rows, out[:, enc["input_ids"].shape[1]:].tolist(), strict=True):
-            n = _until_stop(row, loaded.stop_ids)
+            n = tokens_until_stop(row, loaded.stop_ids)
             if _hit_cap(row[:n], max_new_tokens, loaded.stop_ids):
                 capped.append(i)
             new_tokens += n
@@ -257,7 +257,7 @@ def _hit_cap(answer: list[int], max_new_tokens: int, stop_ids: list[int]) -> boo
     return len(answer) >= max_new_tokens and (not answer or answer[-1] not in stop_ids)
 
 
-def _until_stop(ids: list[int], stop_ids: list[int]) -> int:
+def tokens_until_stop(ids: list[int], stop_ids: list[int]) -> int:
     """How many tokens a row really generated: through its first stop token; the rest is padding."""
     stops = set(stop_ids)
     for k, token in enumerate(ids):

@@ -48,6 +48,7 @@ class _SympyWorker:
     """
 
     START_TIMEOUT_S = 60.0
+    EXIT_WAIT_S = 10.0  # after the worker closed its output: how long its exit may take to be seen
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -55,8 +56,19 @@ class _SympyWorker:
         self._stderr = None
 
     def _readline(self, timeout_s: float) -> str | None:
+        """The worker's next line; None when it wrote none within timeout_s; "" at end of file. End of file means
+        the worker is exiting: its output closes before its exit status exists, so wait for that status, or a
+        death would read as a time limit (ISSUES_LOG B11)."""
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
-        return self._proc.stdout.readline().strip() if ready else None
+        if not ready:
+            return None
+        line = self._proc.stdout.readline()
+        if not line:
+            try:
+                self._proc.wait(timeout=self.EXIT_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass  # still running with its output closed: described as "no reply"
+        return line.strip()
 
     def _death(self) -> str:
         """Why the worker is gone: its exit status and the last line it wrote to stderr."""
@@ -84,7 +96,8 @@ class _SympyWorker:
         line = self._readline(self.START_TIMEOUT_S)
         if line == "ready":
             return None
-        cause = (f"the judge worker did not start within {self.START_TIMEOUT_S:.0f} s" if self._proc.poll() is None
+        cause = (f"the judge worker did not start within {self.START_TIMEOUT_S:.0f} s"
+                 if line != "" and self._proc.poll() is None
                  else self._death().replace("died", "died while starting"))
         self._stop()
         return cause
@@ -118,8 +131,8 @@ class _SympyWorker:
                 if "error" in reply:
                     return Comparison(None, reply["error"])
                 return Comparison(reply["equal"], reply.get("note", "sympy"))
-            cause = (f"the comparison ran past the {timeout_s:g} s limit" if self._proc.poll() is None
-                     else self._death())
+            cause = (f"the comparison ran past the {timeout_s:g} s limit"
+                     if answer is None and self._proc.poll() is None else self._death())
             self._stop()
             return Comparison(None, cause)
 

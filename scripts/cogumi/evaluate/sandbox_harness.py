@@ -13,9 +13,10 @@ sandbox.py: namespaces, read-only mounts, uid drop, rlimits):
   * the functions and classes of every module imported before the program ran (builtins, math, re, collections,
     ...) are checked after each call into the program and at the end: a patched `math.isclose` is a failure;
     threads cannot be started (the program could patch and restore between two checks otherwise);
-  * an audit hook (PEP 578) refuses process creation, signals, ctypes, sockets, rlimit changes, and every way
-    to a frame (sys._getframe, sys._current_frames outside the main thread, tb_frame/gi_frame/f_back ...), so
-    the program cannot reach or rebind the harness's state; it also refuses writes outside the temp dir and
+  * an audit hook (PEP 578) refuses process creation, signals, ctypes (its import fails as an ImportError, so
+    a library that does without it, numpy, still imports), sockets, rlimit changes, and every way to a frame
+    (sys._getframe, sys._current_frames outside the main thread, tb_frame/gi_frame/f_back ...), so the program
+    cannot reach or rebind the harness's state; it also refuses writes outside the temp dir and
     reads of the eval data (a first line only: the kernel's mounts are what holds, see sandbox.py);
   * the pass signal is a random token the MAIN thread prints, on stdout with exit code 0, only once the worker
     thread (started with _thread, so no Thread object the program could edit) is gone from the interpreter's
@@ -97,7 +98,7 @@ def _cogumi_main(fd):
             if event in blocked_events or event.startswith(blocked_prefixes):
                 raise PermissionError(f"sandbox: {event} is not allowed")
             if event == "import" and str(args[0]).split(".")[0] in blocked_modules:
-                raise PermissionError(f"sandbox: import {args[0]} is not allowed")
+                raise ImportError(f"sandbox: import {args[0]} is not allowed")
             if event == "open":
                 path = resolve(args[0])
                 if path is None or path in ("/dev/null", "/dev/urandom", "/dev/zero"):

@@ -190,7 +190,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float):
     return _lora_fn().apply(x, weight, bias, lora_a, lora_b, scaling)
 
 
-def _fusable(layer, x, args, kwargs) -> str | None:
+def fusable(layer, x, args, kwargs) -> str | None:
     """The active adapter name when this peft lora.Linear call can take the fused path, else None."""
     import torch.nn as nn
 
@@ -220,7 +220,7 @@ def _patch_peft_lora() -> None:
     original = lora_layer.Linear.forward
 
     def forward(self, x, *args, **kwargs):
-        name = _fusable(self, x, args, kwargs)
+        name = fusable(self, x, args, kwargs)
         if name is None:
             return original(self, x, *args, **kwargs)
         base = self.get_base_layer()
