@@ -191,9 +191,9 @@ def test_verification_loads_the_same_float32_weights_as_from_pretrained(tiny_sha
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from cogumi.merge.verify import _load
+    from cogumi.merge.verify import load_model_float32
 
-    ours = _load(tiny_sharded_bf16_dir, torch.device("cpu")).state_dict()
+    ours = load_model_float32(tiny_sharded_bf16_dir, torch.device("cpu")).state_dict()
     theirs = AutoModelForCausalLM.from_pretrained(tiny_sharded_bf16_dir, torch_dtype=torch.float32).state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -203,11 +203,11 @@ def test_verification_loads_the_same_float32_weights_as_from_pretrained(tiny_sha
     LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
                      ).save_pretrained(tied_dir, safe_serialization=True)
-    tied = _load(tied_dir, torch.device("cpu"))
+    tied = load_model_float32(tied_dir, torch.device("cpu"))
     assert torch.equal(tied.lm_head.weight, tied.model.embed_tokens.weight)
 
     weights = load_file(tied_dir / "model.safetensors")
     save_file({k: v for k, v in weights.items() if "down_proj" not in k}, tied_dir / "model.safetensors")
     with pytest.raises(UserError, match="not in its safetensors files") as err:
-        _load(tied_dir, torch.device("cpu"))
+        load_model_float32(tied_dir, torch.device("cpu"))
     assert "down_proj" in err.value.what

@@ -54,7 +54,7 @@ def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, *, prompts
     reference, plain = _run(lambda: _load_with_adapter(base_dir, adapter_dir, device), inputs, device,
                             without_adapter=True)
     between = time.perf_counter()
-    merged = _run(lambda: _load(merged_dir, device), inputs, device)
+    merged = _run(lambda: load_model_float32(merged_dir, device), inputs, device)
     stages = {"tokenizer": loaded - started, "base_with_adapter": between - loaded,
               "merged": time.perf_counter() - between}
     scale = max(float(r.abs().max()) for r in reference)
@@ -123,7 +123,7 @@ def _run(load, inputs: list[torch.Tensor], device: torch.device, *, without_adap
     return (logits, plain) if without_adapter else logits
 
 
-def _load(model_dir: Path, device: torch.device):
+def load_model_float32(model_dir: Path, device: torch.device):
     """The model in float32 on `device`: built without weights, then filled from the safetensors files."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -194,7 +194,7 @@ def _read_shard(shard, device: torch.device, keep: set[str]) -> dict[str, torch.
 def _load_with_adapter(base_dir: Path, adapter_dir: Path, device: torch.device):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(_load(base_dir, device), adapter_dir).to(device).eval()
+    return PeftModel.from_pretrained(load_model_float32(base_dir, device), adapter_dir).to(device).eval()
 
 
 def compare_logits(reference: list[torch.Tensor], merged: list[torch.Tensor], tolerance: float) -> dict:
