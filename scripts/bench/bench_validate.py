@@ -28,25 +28,20 @@ SCRIPTS = Path(__file__).resolve().parents[1]
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from cogumi.bench.models import LLAMA31_STOPS, llama3_tokenizer  # noqa: E402 - after the sys.path line above
+from cogumi.bench.models import LLAMA31_STOPS, llama3_tokenizer, random_llama  # noqa: E402 - after sys.path
 
 LOAD_S_8B = 20.0  # loading an 8B bf16 folder from a local disk onto the GPU, per model (rough; not measured here)
 
 
 def build_model(size: str, tokenizer, device: str, dtype_name: str | None = None):
     import torch
-    from transformers import LlamaForCausalLM
 
     from cogumi.demo.shapes import llama_config
 
     config = llama_config(size)
     dtype = getattr(torch, dtype_name) if dtype_name else torch.bfloat16 if device.startswith("cuda") else torch.float32
     config.torch_dtype = dtype
-    torch.manual_seed(0)
-    with torch.device(device):
-        torch.set_default_dtype(dtype)
-        model = LlamaForCausalLM(config).eval()  # random init on the device: no 16 GB host copy
-        torch.set_default_dtype(torch.float32)
+    model = random_llama(config, device, dtype).eval()
     vocab = tokenizer.vocab_size
     stops = [t for t in LLAMA31_STOPS if t < config.vocab_size] if vocab > 100_000 else [tokenizer.eos_token_id]
     model.generation_config.eos_token_id = stops

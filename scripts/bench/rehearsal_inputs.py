@@ -27,7 +27,7 @@ SCRIPTS = Path(__file__).resolve().parents[1]
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from cogumi.bench.models import LLAMA31_STOPS, llama3_tokenizer  # noqa: E402 - after the sys.path line above
+from cogumi.bench.models import LLAMA31_STOPS, llama3_tokenizer, random_llama  # noqa: E402 - after sys.path
 
 LENGTH_MIX = SCRIPTS.parent / "data" / "bench" / "length_mix.json"
 CHAT_OVERHEAD = 20  # tokens the chat template adds around one user and one assistant turn
@@ -54,18 +54,13 @@ def export_eval(out_dir: Path) -> list[Path]:
 def build_base(out_dir: Path, device: str) -> Path:
     """The 8B shape with random bf16 weights, built on the device, saved in shards of at most 5 GB."""
     import torch
-    from transformers import LlamaForCausalLM
 
     from cogumi.demo.shapes import llama_config
 
     config = llama_config("8b")
     config.torch_dtype = torch.bfloat16
     config.bos_token_id, config.eos_token_id = 128000, LLAMA31_STOPS
-    torch.manual_seed(0)
-    with torch.device(device):
-        torch.set_default_dtype(torch.bfloat16)
-        model = LlamaForCausalLM(config)
-        torch.set_default_dtype(torch.float32)
+    model = random_llama(config, device, torch.bfloat16)
     model.generation_config.eos_token_id = LLAMA31_STOPS
     model.save_pretrained(out_dir, safe_serialization=True, max_shard_size="5GB")
     llama3_tokenizer(config.vocab_size).save_pretrained(out_dir)

@@ -37,7 +37,6 @@ class Measured:
     train_tokens_per_s: float = 0.0
     checkpoint_bytes: int = 0
     merged_bytes: int = 0
-    merge_report: dict = field(default_factory=dict)
     validation: dict = field(default_factory=dict)  # task -> {"prompts", "generation_s"} (both models)
 
 
@@ -88,7 +87,6 @@ def measure(config: PhaseConfig, measured: Measured) -> None:
     checkpoints = [p for p in config.run_dir.glob("checkpoint-*") if (p / "COMPLETE").exists()]
     measured.checkpoint_bytes = max((dir_size(p) for p in checkpoints), default=0)
     measured.merged_bytes = dir_size(config.merged_dir)
-    measured.merge_report = json.loads((config.merged_dir / "merge_report.json").read_text())
     report = json.loads((config.validation_dir / "report.json").read_text())
     for task, row in report["tasks"].items():
         sides = [s for s in (row.get("generation") or {}).values() if s]

@@ -48,20 +48,26 @@ def device_info(device) -> dict:
 
 
 def build_model(shape: str, device, dtype, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
     config = LlamaConfig(**SHAPES[shape], use_cache=False)
     config._attn_implementation = "sdpa"
+    return random_llama(config, device, dtype, seed)
+
+
+def random_llama(config, device, dtype, seed: int = 0):
+    """A LlamaForCausalLM of `config` with random weights drawn on `device` in `dtype`: no host copy of an 8B."""
+    import torch
+    from transformers import LlamaForCausalLM
+
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    return model
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules, seed: int = 1):

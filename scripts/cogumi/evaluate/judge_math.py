@@ -58,7 +58,7 @@ class _SympyWorker:
     def _readline(self, timeout_s: float) -> str | None:
         """The worker's next line; None when it wrote none within timeout_s; "" at end of file. End of file means
         the worker is exiting: its output closes before its exit status exists, so wait for that status, or a
-        death would read as a time limit (ISSUES_LOG B11)."""
+        death would read as a time limit (ISSUES_LOG B35)."""
         ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
         if not ready:
             return None

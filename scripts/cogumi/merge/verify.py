@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from cogumi.core.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # Fixed, short, mixed math/code/chat prompts: the first `merge.verify_prompts` are used.
@@ -137,8 +139,6 @@ def load_model_float32(model_dir: Path, device: torch.device):
     model.tie_weights()  # a tied LM head is stored once, as the embedding
     missing = sorted(name for name, param in model.named_parameters() if param.is_meta)
     if missing:
-        from cogumi.core.errors import UserError
-
         raise UserError(f"{len(missing)} weights of the model are not in its safetensors files, e.g. {missing[0]}",
                         where=str(model_dir), fix="the folder is incomplete: re-create it (merge again, FORCE=1)")
     return model.to(device).eval()
