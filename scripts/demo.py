@@ -86,7 +86,7 @@ def demo_code_opt_in() -> dict[str, str]:
     """The demo's validation runs code written by the tiny model it just trained on shipped tasks. Where this machine
     cannot contain model code (no mount/network namespaces, e.g. a container without them), the real phases refuse
     to run it; the demo opts in, says so, and still runs it with the sandbox's other limits."""
-    from cogumi.evaluate.sandbox import OPT_IN_ENV, isolation
+    from cogumi.judge.sandbox import OPT_IN_ENV, isolation
 
     if os.environ.get(OPT_IN_ENV) == "1":
         return {}

@@ -35,7 +35,7 @@ def _code_judge_opt_in():
     """The code the suite runs is its own (references, and hostile programs written to be caught). On a CI host
     without mount/network namespaces the judge refuses model code unless the user opts in; the suite opts in
     there, as a user would, and the kernel-containment tests skip themselves."""
-    from cogumi.evaluate.sandbox import OPT_IN_ENV, isolation
+    from cogumi.judge.sandbox import OPT_IN_ENV, isolation
 
     if not isolation().contained:
         os.environ.setdefault(OPT_IN_ENV, "1")

@@ -2,7 +2,7 @@
 
 Each class takes hand-chosen values and writes each value the ways a model or a gold writes it; whether a pair
 is equal follows from the rule named in the row, the one a careful human grader applies (written out in
-cogumi.evaluate.judge_math's docstring). Values were chosen to include the traps that fooled the old judge:
+cogumi.judge.judge_math's docstring). Values were chosen to include the traps that fooled the old judge:
 huge integers one apart, tiny numbers against zero, anagrams, mixed numbers read as products, percent signs.
 """
 

@@ -69,7 +69,7 @@ def test_demo_opts_in_to_uncontained_code_only_where_the_kernel_cannot_contain_i
     """A real phase refuses model code it cannot contain; the demo (its own tiny model's code) opts in and says so."""
     import demo
 
-    from cogumi.evaluate import sandbox
+    from cogumi.judge import sandbox
 
     monkeypatch.delenv(sandbox.OPT_IN_ENV, raising=False)
     contained = sandbox.Isolation(("unshare",), True, True, True, ())

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from cogumi.evaluate.judge_math import (
+from cogumi.evaluate.sources import load_task
+from cogumi.judge.judge_math import (
     extract_answer,
     extract_answer_with_source,
     is_equiv,
@@ -16,7 +17,6 @@ from cogumi.evaluate.judge_math import (
     last_boxed,
     normalize,
 )
-from cogumi.evaluate.sources import load_task
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cogumi.evaluate.judge_math import compare, extract_answer_with_source, judge_math
+from cogumi.judge.judge_math import compare, extract_answer_with_source, judge_math
 
 
 @pytest.mark.parametrize("text, answer, source", [

@@ -11,7 +11,7 @@ from collections import Counter
 
 from math_pair_table import table
 
-from cogumi.evaluate.judge_math import compare
+from cogumi.judge.judge_math import compare
 
 PAIRS = table()
 

@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from cogumi.evaluate.code_judge import extract_program, judge_code, judge_many
 from cogumi.evaluate.records import Problem
-from cogumi.evaluate.sandbox import isolation, run_program
 from cogumi.evaluate.sources import load_task
+from cogumi.judge.code_judge import extract_program, judge_code, judge_many
+from cogumi.judge.sandbox import isolation, run_program
 
 MBPP_REFERENCE_FAILURES = 0
 REFERENCE_TIMEOUT_S = 30.0  # see the module docstring: mbpp/123

@@ -13,9 +13,9 @@ import tempfile
 
 import pytest
 
-from cogumi.evaluate.code_judge import extract_program, judge_many
-from cogumi.evaluate.sandbox import isolation, remove_tree, run_program
 from cogumi.evaluate.sources import load_task
+from cogumi.judge.code_judge import extract_program, judge_many
+from cogumi.judge.sandbox import isolation, remove_tree, run_program
 
 FAST = {"timeout_s": 5.0}
 TESTS = "assert f(2) == 4\nassert f(3) == 6\n"
@@ -162,7 +162,7 @@ def test_humaneval_with_20_forging_completions_scores_0_passes():
 
 def test_refused_without_containment_unless_opted_in(monkeypatch):
     from cogumi.core.errors import UserError
-    from cogumi.evaluate import sandbox
+    from cogumi.judge import sandbox
 
     uncontained = sandbox.Isolation((), False, False, False, ())
     monkeypatch.setattr(sandbox, "isolation", lambda: uncontained)

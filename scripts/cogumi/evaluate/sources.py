@@ -30,8 +30,8 @@ from pathlib import Path
 from cogumi.core import hub
 from cogumi.core.errors import UserError
 from cogumi.core.fsutil import iter_jsonl
-from cogumi.evaluate.judge_math import last_boxed
 from cogumi.evaluate.records import Problem
+from cogumi.judge.judge_math import last_boxed
 
 log = logging.getLogger(__name__)
 

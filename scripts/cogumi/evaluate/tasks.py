@@ -17,14 +17,14 @@ JUDGE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def judge_math_outputs(problems: list[Problem], outputs: list[str], capped: set[int] = frozenset()) -> list[Verdict]:
-    from cogumi.evaluate.judge_math import judge_math
+    from cogumi.judge.judge_math import judge_math
 
     return [judge_math(out, p.answer, hit_token_limit=i in capped)
             for i, (p, out) in enumerate(zip(problems, outputs, strict=True))]
 
 
 def judge_code_outputs(problems: list[Problem], outputs: list[str], capped: set[int] = frozenset()) -> list[Verdict]:
-    from cogumi.evaluate.code_judge import judge_many
+    from cogumi.judge.code_judge import judge_many
 
     return list(judge_many(list(zip(outputs, problems, strict=True)), workers=JUDGE_WORKERS))
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-from cogumi.evaluate.math_parse import Parser
+from cogumi.judge.math_parse import Parser
 
 
 def split_top(s: str, sep: str = ",") -> list[str]:
@@ -183,7 +183,7 @@ def serve() -> None:
 
     import sympy  # noqa: F401  (imported before "ready" so the first comparison's time limit is fair)
 
-    from cogumi.evaluate.math_parse import ParseError, UnsupportedLatex
+    from cogumi.judge.math_parse import ParseError, UnsupportedLatex
 
     print("ready", flush=True)
     for line in sys.stdin:

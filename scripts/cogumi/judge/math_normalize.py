@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from cogumi.evaluate.math_extract import braced
+from cogumi.judge.math_extract import braced
 
 _UNIT_WORDS = (
     "units", "unit", "square units", "sq units", "degrees", "degree", "cm", "m", "km", "mm", "inches", "inch",

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from cogumi.evaluate.records import Problem, Verdict
-from cogumi.evaluate.sandbox import require_containment, run_program
+from cogumi.judge.sandbox import require_containment, run_program
 
 log = logging.getLogger(__name__)
 

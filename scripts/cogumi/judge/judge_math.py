@@ -25,9 +25,9 @@ import threading
 from typing import NamedTuple
 
 from cogumi.core.paths import SCRIPTS_DIR
-from cogumi.evaluate.math_extract import extract_answer, extract_answer_with_source, last_boxed
-from cogumi.evaluate.math_normalize import canonical, choice_letter, is_percent, normalize, word_answer
 from cogumi.evaluate.records import Verdict
+from cogumi.judge.math_extract import extract_answer, extract_answer_with_source, last_boxed
+from cogumi.judge.math_normalize import canonical, choice_letter, is_percent, normalize, word_answer
 
 __all__ = ["Comparison", "compare", "extract_answer", "extract_answer_with_source", "is_equiv", "judge_math",
            "last_boxed", "normalize"]
@@ -90,7 +90,7 @@ class _SympyWorker:
         scripts = str(SCRIPTS_DIR)
         env = {**os.environ, "PYTHONPATH": scripts + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self._stderr = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen([sys.executable, "-c", "from cogumi.evaluate.math_equal import serve; serve()"],
+        self._proc = subprocess.Popen([sys.executable, "-c", "from cogumi.judge.math_equal import serve; serve()"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
                                       text=True, env=env, bufsize=1)
         line = self._readline(self.START_TIMEOUT_S)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from cogumi.core.errors import UserError
 from cogumi.core.paths import REPO_ROOT
 from cogumi.evaluate.records import Verdict
-from cogumi.evaluate.sandbox_harness import HARNESS
+from cogumi.judge.sandbox_harness import HARNESS
 
 log = logging.getLogger(__name__)
 
