@@ -49,7 +49,7 @@ def root_overrides(root: str | None) -> list[str]:
     return [f"output_root={root}", f"base_model={base}", f"validate.baseline={base}"]
 
 
-def build_base(base_dir: Path, train_path: Path) -> None:
+def write_tiny_base(base_dir: Path, train_path: Path) -> None:
     """Build the tiny bf16 base once; a folder made from the same spec is reused."""
     import torch
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = root_overrides(args.root) + args.overrides
     config = load_config(config_path, overrides)
     step_args = ["--phase", config_path, *overrides]
-    build_base(Path(config.base_model) if Path(config.base_model).is_absolute()
+    write_tiny_base(Path(config.base_model) if Path(config.base_model).is_absolute()
                else Path(config_path).parents[1] / config.base_model,
                Path(config_path).parents[1] / config.data.train_path)
     run_step("train", "train_phase1a_fullprecision.py", step_args)  # resumes or reports a finished run itself

@@ -31,10 +31,10 @@ from cogumi.evaluate.pairing import check_gates
 from cogumi.train import distributed
 from cogumi.train.data import encode_data, read_data
 from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
+from cogumi.train.export import export_adapter, finished_adapter, next_command, summary
 from cogumi.train.fastpath import fast_path
 from cogumi.train.layout import choose_layout, read_saved_layout
 from cogumi.train.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
-from cogumi.train.outputs import export_adapter, finished_adapter, next_command, summary
 from cogumi.train.packed_attention import packed_attention
 from cogumi.train.plots import plot_loss
 from cogumi.train.trainer import Trainer, choose_resume, claim_run_dir, make_plan

@@ -23,7 +23,7 @@ def fast_path():
 
 
 def _tiny_lora(dropout: float = 0.0, seed: int = 0):
-    from cogumi.bench.models import add_lora, build_model
+    from cogumi.perf.models import add_lora, build_model
 
     model = build_model("tiny", torch.device("cpu"), torch.float32, seed=seed)
     return add_lora(model, r=4, alpha=8, dropout=dropout, target_modules="all-linear")
@@ -236,7 +236,7 @@ def test_probe_layout_picks_fastest_fit(monkeypatch):
 
 def test_useful_flops_for_llama_8b():
     """The documented count for the 8B shape at seq 2048: 4N + LoRA + causal attention ~ 31.9 GFLOP/token."""
-    from cogumi.bench.models import SHAPES
+    from cogumi.perf.models import SHAPES
     from cogumi.train.flops import useful_flops_per_token
 
     s = SHAPES["8b"]
@@ -291,7 +291,7 @@ def test_lm_head_as_lora_target_is_trained_by_the_fast_path(fast_path):
 
 
 def bench_lora(targets):
-    from cogumi.bench.models import add_lora, build_model
+    from cogumi.perf.models import add_lora, build_model
 
     model = build_model("tiny", torch.device("cpu"), torch.float32, seed=0)
     return add_lora(model, r=4, alpha=8, dropout=0.0, target_modules=targets)

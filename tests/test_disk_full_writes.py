@@ -74,8 +74,8 @@ def _tiny_peft(model_dir: Path):
 def test_adapter_export_on_a_full_disk_stops_cleanly_then_finishes(small_fs, tmp_path, tiny_model_dir):
     import torch
 
+    from cogumi.train.export import export_adapter
     from cogumi.train.model import Base, Runtime
-    from cogumi.train.outputs import export_adapter
     from cogumi.train.trainer import Result
 
     cfg = tmp_path / "run.yaml"

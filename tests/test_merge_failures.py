@@ -23,7 +23,7 @@ from cogumi.core.manifest import read_manifest, sha256_file
 from cogumi.core.paths import SCRIPTS_DIR
 from cogumi.core.safetensors_io import weight_files
 from cogumi.merge import plan
-from cogumi.merge.outputs import MergeDiskStop
+from cogumi.merge.output_dir import MergeDiskStop
 from cogumi.merge.stream import run_merge
 
 

@@ -24,7 +24,7 @@ from cogumi.train.step import accumulate, token_weights
 
 
 def _model(seed: int = 0):
-    from cogumi.bench.models import add_lora, build_model
+    from cogumi.perf.models import add_lora, build_model
 
     model = add_lora(build_model("tiny", torch.device("cpu"), torch.float32, seed=seed), r=4, alpha=8, dropout=0.0,
                      target_modules="all-linear")
@@ -141,7 +141,7 @@ def test_packing_fills_rows_of_real_lengths():
     every example whole and exactly once."""
     import random
 
-    from cogumi.bench.lengths import load_mix
+    from cogumi.perf.lengths import load_mix
 
     lengths = load_mix()["lengths"]
     random.Random(0).shuffle(lengths)

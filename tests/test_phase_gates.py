@@ -18,7 +18,7 @@ from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.fsutil import iter_jsonl
 from cogumi.evaluate.pairing import check_gates, evaluate_gates, outcome, summarize, unreachable
 from cogumi.evaluate.report import check_reference, render_markdown
-from cogumi.evaluate.validate import Plan, build_report, one_screen
+from cogumi.evaluate.validate import ValidationPlan, build_report, one_screen
 
 N = {"math": 500, "code": 164}  # MATH-500, HumanEval
 
@@ -127,8 +127,8 @@ def test_report_shows_the_origin_numbers_as_a_reference_not_a_gate(tmp_path, pha
     for task, summary in summaries.items():
         summary.update(source={"math": "math500", "code": "humaneval"}[task], generation={"candidate": None})
     reference = check_reference(config.validate.reference, ["math", "code"], "phase1a.yaml: validate.reference")
-    plan = Plan("phase1a", tmp_path, "meta-llama/Meta-Llama-3.1-8B-Instruct", False, ["math", "code"], {}, gates,
-                None, reference)
+    plan = ValidationPlan("phase1a", tmp_path, "meta-llama/Meta-Llama-3.1-8B-Instruct", False, ["math", "code"], {},
+                          gates, None, reference)
     results = evaluate_gates(summaries, gates)
     report = build_report(plan, config, summaries, results)
     assert report["passed"] is False and report["reference"]["math"] == {"win": 6.0, "tie": 70.0, "loss": 24.0}

@@ -12,7 +12,7 @@ def test_rehearsal_of_the_demo_runs_every_step_prints_the_card_and_leaves_nothin
     import demo
 
     base = tmp_path / "demo_base"
-    demo.build_base(base, REPO_ROOT / "data" / "demo" / "train.jsonl")
+    demo.write_tiny_base(base, REPO_ROOT / "data" / "demo" / "train.jsonl")
     before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in base.iterdir())
     result = run_script("rehearse.py", "--phase", "demo", f"base_model={base}", f"validate.baseline={base}",
                         f"output_root={tmp_path}", timeout=1200)

@@ -8,7 +8,7 @@
 Builds the phase's architecture with random weights directly on the device (no download; speed and memory do not
 depend on the weights), adds LoRA (the phase's r and alpha, all linear layers), and times exactly
 `cogumi.train.step.train_step`, the step the trainer runs. Each variant runs in its own process
-(cogumi.bench.variant), so kernel patches and allocator state never leak between them.
+(cogumi.perf.variant), so kernel patches and allocator state never leak between them.
 
 Two kinds of rows. Full rows: `micro_batch` rows of seq random tokens (the headline of earlier runs). Real lengths
 (`*-real`): examples with the token lengths of real conversations (data/bench/length_mix.json: MATH, GSM8K and CoQA
@@ -36,7 +36,7 @@ SCRIPTS = Path(__file__).resolve().parents[1]
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from cogumi.bench.models import GIB, SHAPES  # noqa: E402 - after the sys.path line above
+from cogumi.perf.models import GIB, SHAPES  # noqa: E402 - after the sys.path line above
 
 # Each variant: the plain path (peft defaults: float32 adapters, transformers loss) or the fast path's pieces.
 PLAIN = dict(fast=False, liger="off", fused_lora=False, chunked_loss=False, liger_loss=False)
@@ -133,15 +133,15 @@ def ddp_bench(args, config, device: str, out_dir: Path) -> int:
 def worker_main(kind: str, spec_json: str) -> int:
     spec = json.loads(spec_json)
     if kind == "ddp":  # under torchrun: no catch-all, a failed rank must fail the launch
-        from cogumi.bench.ddp import run_ddp_worker
+        from cogumi.perf.ddp import run_ddp_worker
 
         result = run_ddp_worker(spec)
         if result is not None:
             print("RESULT " + json.dumps(result), flush=True)
         return 0
-    from cogumi.bench.attention import run_attention_kernels
-    from cogumi.bench.hardware import run_ceiling
-    from cogumi.bench.variant import run_variant
+    from cogumi.perf.attention import run_attention_kernels
+    from cogumi.perf.hardware import run_ceiling
+    from cogumi.perf.variant import run_variant
 
     try:
         result = {"ceiling": run_ceiling, "kernels": run_attention_kernels}.get(kind, run_variant)(spec)

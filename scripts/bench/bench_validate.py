@@ -28,7 +28,7 @@ SCRIPTS = Path(__file__).resolve().parents[1]
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from cogumi.bench.models import LLAMA31_STOPS, llama3_tokenizer, random_llama  # noqa: E402 - after sys.path
+from cogumi.perf.models import LLAMA31_STOPS, llama3_tokenizer, random_llama  # noqa: E402 - after sys.path
 
 LOAD_S_8B = 20.0  # loading an 8B bf16 folder from a local disk onto the GPU, per model (rough; not measured here)
 

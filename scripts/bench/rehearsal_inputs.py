@@ -27,7 +27,7 @@ SCRIPTS = Path(__file__).resolve().parents[1]
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
 
-from cogumi.bench.models import LLAMA31_STOPS, llama3_tokenizer, random_llama  # noqa: E402 - after sys.path
+from cogumi.perf.models import LLAMA31_STOPS, llama3_tokenizer, random_llama  # noqa: E402 - after sys.path
 
 LENGTH_MIX = SCRIPTS.parent / "data" / "bench" / "length_mix.json"
 CHAT_OVERHEAD = 20  # tokens the chat template adds around one user and one assistant turn
@@ -51,7 +51,7 @@ def export_eval(out_dir: Path) -> list[Path]:
     return written
 
 
-def build_base(out_dir: Path, device: str) -> Path:
+def write_random_base(out_dir: Path, device: str) -> Path:
     """The 8B shape with random bf16 weights, built on the device, saved in shards of at most 5 GB."""
     import torch
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     base = args.out / "base"
     if not (base / "config.json").exists():
-        build_base(base, args.device)
+        write_random_base(base, args.device)
     from transformers import AutoTokenizer
 
     stats = write_train_data(args.out / "train.jsonl", AutoTokenizer.from_pretrained(base), args.rows)

@@ -25,7 +25,7 @@ from cogumi.core.config import PhaseConfig, resolve_path
 from cogumi.core.errors import UserError
 from cogumi.core.fsutil import dir_size
 from cogumi.core.paths import REPO_ROOT
-from cogumi.merge.outputs import human_bytes
+from cogumi.merge.output_dir import human_bytes
 
 SCRIPTS = REPO_ROOT / "scripts"
 TRAIN, MERGE, VALIDATE = "train_phase1a_fullprecision.py", "merge_adapter_fullprecision.py", "benchmark.py"

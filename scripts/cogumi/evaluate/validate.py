@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Plan:
+class ValidationPlan:
     """Everything resolved from config + command line before any work starts."""
 
     phase: str
@@ -42,7 +42,7 @@ class Plan:
     reference: dict  # {label, task: {rate: percent}}: shown beside the results, never gated
 
 
-def build_plan(config: PhaseConfig, args, source: str) -> Plan:
+def build_plan(config: PhaseConfig, args, source: str) -> ValidationPlan:
     """Resolve candidate, baseline, data and gates; every user mistake surfaces here, before any model loads."""
     v = config.validate
     candidate = resolve_path(args.candidate) if args.candidate else config.merged_dir
@@ -73,7 +73,7 @@ def build_plan(config: PhaseConfig, args, source: str) -> Plan:
     unknown = set(v.data) - set(v.tasks)
     if unknown:
         log.warning("validate.data names tasks that are not run: %s", ", ".join(sorted(unknown)))
-    return Plan(config.name, candidate, baseline, stored, list(v.tasks), sources, gates, limit, reference)
+    return ValidationPlan(config.name, candidate, baseline, stored, list(v.tasks), sources, gates, limit, reference)
 
 
 def _task_source(task: str, spec, source: str) -> dict:
@@ -87,7 +87,7 @@ def _task_source(task: str, spec, source: str) -> dict:
                     where=f"{source}: validate.data.{task}", fix=f"e.g. data: {{{task}: {TASKS[task].default_source}}}")
 
 
-def verify_candidate(plan: Plan) -> dict[str, str]:
+def verify_candidate(plan: ValidationPlan) -> dict[str, str]:
     """The candidate's weight files, checked whole against its manifest before anything is judged; their hashes.
 
     A truncated or overwritten shard is a one-screen error here, never a verdict and never a stamp.
@@ -101,7 +101,7 @@ def verify_candidate(plan: Plan) -> dict[str, str]:
                               "damaged folder is moved aside)")
 
 
-def build_problems(plan: Plan, seed: int) -> dict:
+def build_problems(plan: ValidationPlan, seed: int) -> dict:
     problems = {}
     for task in plan.tasks:
         spec = plan.sources[task]
@@ -114,7 +114,7 @@ def build_problems(plan: Plan, seed: int) -> dict:
     return problems
 
 
-def build_baseline(plan: Plan, problems: dict) -> tuple[str | None, dict | None]:
+def build_baseline(plan: ValidationPlan, problems: dict) -> tuple[str | None, dict | None]:
     """(model folder, None) to generate with, or (None, {task: outputs}) from stored samples.
 
     Both fail here, before minutes of candidate generation: a hub baseline is fetched (access and free space
@@ -166,7 +166,7 @@ def _side(output: str, verdict) -> dict:
             "judge_error": verdict.judge_error}
 
 
-def build_report(plan: Plan, config: PhaseConfig, summaries: dict, gate_results: list) -> dict:
+def build_report(plan: ValidationPlan, config: PhaseConfig, summaries: dict, gate_results: list) -> dict:
     v = config.validate
     return {
         "phase": plan.phase, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -178,7 +178,7 @@ def build_report(plan: Plan, config: PhaseConfig, summaries: dict, gate_results:
     }
 
 
-def stamp_validated(plan: Plan, report: dict, report_json: Path, weights: dict[str, str]) -> None:
+def stamp_validated(plan: ValidationPlan, report: dict, report_json: Path, weights: dict[str, str]) -> None:
     """VALIDATED: what passed, against what, and the whole-file hashes of the weights it vouches for."""
     write_stamp(plan.candidate, {
         "time": report["created"], "report": str(report_json), "baseline": plan.baseline,
@@ -186,7 +186,7 @@ def stamp_validated(plan: Plan, report: dict, report_json: Path, weights: dict[s
     }, weights_sha256=weights)
 
 
-def warn_base_mismatch(plan: Plan, config: PhaseConfig) -> None:
+def warn_base_mismatch(plan: ValidationPlan, config: PhaseConfig) -> None:
     manifest = read_manifest(plan.candidate) or {}
     base = manifest.get("base_model")
     if base and base not in (config.base_model, str(resolve_path(config.base_model))):

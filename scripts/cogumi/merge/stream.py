@@ -3,7 +3,7 @@
 Order of run_merge: every refusal (quantized base or adapter, adapter hash, lineage, unsupported adapter, corrupt
 shard, existing output, disk) happens before the first byte is written (inputs.py, plan.py); shards are written
 into a temporary sibling folder (write.py), which is renamed to the final name only after verification (verify.py)
-passed and the report and manifest were written; outputs.py decides what is left on disk when anything fails.
+passed and the report and manifest were written; output_dir.py decides what is left on disk when anything fails.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from cogumi.core import fsutil
 from cogumi.core.errors import UserError
 from cogumi.core.manifest import sha256_file, weights_fingerprint, write_manifest
-from cogumi.merge import inputs, outputs, plan, write
+from cogumi.merge import inputs, output_dir, plan, write
 from cogumi.merge.inputs import INDEX, REPORT
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ def run_merge(job: MergeJob) -> dict:
     shards = inputs.scan_base(base_dir)
     updates = plan.plan_updates(adapter, shards)
     out_dir = Path(job.out_dir)
-    outputs.refuse_existing(out_dir, job.force)
+    output_dir.refuse_existing(out_dir, job.force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    outputs.preflight_disk(sum(s.path.stat().st_size for s in shards), inputs.side_files_size(base_dir), out_dir,
+    output_dir.preflight_disk(sum(s.path.stat().st_size for s in shards), inputs.side_files_size(base_dir), out_dir,
                            job.margin_bytes)
     log.info("merge: %s + %s -> %s (%d shards, %d tensors updated)", job.base_model, adapter.path, out_dir,
              len(shards), len(updates))
@@ -63,10 +63,10 @@ def run_merge(job: MergeJob) -> dict:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     tmp.mkdir()
     # one guard until the rename: a Ctrl-C between two steps must not leave the temporary folder behind
-    with outputs.removed_on_failure(tmp, out_dir) as step:
+    with output_dir.removed_on_failure(tmp, out_dir) as step:
         written = write.stream_merge(shards, updates, adapter, tmp, job.device)
         _check_consumed(written.consumed, updates, adapter)
-        outputs.fsync_files(tmp, inputs.copy_side_files(base_dir, tmp))
+        output_dir.fsync_files(tmp, inputs.copy_side_files(base_dir, tmp))
         if (tmp / INDEX).exists():
             written.sha256[INDEX] = sha256_file(tmp / INDEX)
         report = _base_report(job, shards, updates, started)
@@ -91,23 +91,23 @@ def _base_report(job: MergeJob, shards: list, updates: dict, started: float) -> 
 
 
 def _verify_and_place(job, adapter, base_dir, fingerprint, tmp: Path, report: dict, sha256: dict,
-                      started: float, step: outputs.Step) -> dict:
+                      started: float, step: output_dir.Step) -> dict:
     out_dir = Path(job.out_dir)
     step.now = "verifying the merge"
     try:
         report["verification"] = _verification(job, adapter, base_dir, tmp, report["dtype"])
     except BaseException as err:
-        if isinstance(err, KeyboardInterrupt) or outputs.is_disk_full(err, out_dir.parent):
+        if isinstance(err, KeyboardInterrupt) or output_dir.is_disk_full(err, out_dir.parent):
             raise  # the guard around removes the folder
         # a crash (out of memory, a bug): the merged weights may be fine, so they are kept when there is room
-        outputs.keep_aside(tmp, out_dir, job.margin_bytes, f"verification crashed ({type(err).__name__})")
+        output_dir.keep_aside(tmp, out_dir, job.margin_bytes, f"verification crashed ({type(err).__name__})")
         raise
     report["passed"] = report["verification"]["passed"] is not False
     report.update(wall_seconds=round(time.perf_counter() - started, 3), peak_rss_mb=peak_rss_mb())
     step.now = f"writing {REPORT} and the manifest"
     _write_outputs(job, adapter, base_dir, fingerprint, tmp, report, sha256)
     if not report["passed"]:
-        report["output"] = str(outputs.keep_aside(tmp, out_dir, job.margin_bytes, "verification FAILED"))
+        report["output"] = str(output_dir.keep_aside(tmp, out_dir, job.margin_bytes, "verification FAILED"))
         return report
     step.now = "putting the merged model in place"
     if out_dir.exists():
@@ -137,7 +137,7 @@ def _write_outputs(job, adapter, base_dir, fingerprint, folder: Path, report: di
                    adapter_manifest=adapter.manifest, config_hash=job.config_hash, dtype=report["dtype"],
                    weights_fingerprint=weights_fingerprint(folder), weights_sha256=dict(sorted(sha256.items())),
                    verified="skipped" if verification.get("skipped") else verification["passed"])
-    outputs.fsync_files(folder, [])  # the folder's entries, before it is renamed
+    output_dir.fsync_files(folder, [])  # the folder's entries, before it is renamed
 
 
 def peak_rss_mb() -> float:

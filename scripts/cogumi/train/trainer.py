@@ -53,7 +53,7 @@ _NOT_TRAINING = {"train": {"log_every", "report_to", "device", "liger", "attenti
 
 
 @dataclass(frozen=True)
-class Plan:
+class TrainPlan:
     """The step count, fixed before the model loads: it depends on the data size and the effective batch only."""
 
     effective_batch: int
@@ -89,7 +89,7 @@ def effective_batch(config: PhaseConfig) -> int:
     return config.train.micro_batch_size * config.train.grad_accum
 
 
-def make_plan(config: PhaseConfig, rows: int, tokens: int = 0) -> Plan:
+def make_plan(config: PhaseConfig, rows: int, tokens: int = 0) -> TrainPlan:
     """The step count for `rows` training items (examples, or packed rows) holding `tokens` real tokens."""
     t = config.train
     eff = effective_batch(config)
@@ -102,7 +102,7 @@ def make_plan(config: PhaseConfig, rows: int, tokens: int = 0) -> Plan:
     if total < 1:
         raise UserError("this run would take 0 optimizer steps", where="train.max_steps / train.epochs",
                         fix="set train.max_steps or raise train.epochs")
-    return Plan(eff, rows, per_epoch, total, math.ceil(t.warmup_ratio * total), round(tokens / rows * eff),
+    return TrainPlan(eff, rows, per_epoch, total, math.ceil(t.warmup_ratio * total), round(tokens / rows * eff),
                 config.data.packing)
 
 
@@ -206,7 +206,7 @@ def peak_mem_gib(device: torch.device) -> float:
 class Trainer:
     """Owns the optimizer, scheduler and step counter; `fit()` runs the loop to plan.total_steps."""
 
-    def __init__(self, config: PhaseConfig, model, batches: Batches, runtime: Runtime, plan: Plan, layout: Layout,
+    def __init__(self, config: PhaseConfig, model, batches: Batches, runtime: Runtime, plan: TrainPlan, layout: Layout,
                  *, checkpoint_estimate: int):
         from transformers import get_scheduler
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from cogumi.bench.models import device_info, versions
+from cogumi.perf.models import device_info, versions
 
 
 def run_ceiling(spec: dict) -> dict:

@@ -6,7 +6,7 @@ import datetime as dt
 import os
 import time
 
-from cogumi.bench.models import GIB, add_lora, build_model, device_info, versions
+from cogumi.perf.models import GIB, add_lora, build_model, device_info, versions
 
 
 def run_ddp_worker(spec: dict) -> dict | None:

@@ -2,7 +2,7 @@
 
 Two modes. Full rows (`lengths: "full"`): every micro-batch is `micro_batch` rows of `seq` random tokens, the
 headline figure of earlier runs. Real lengths (`lengths: "mix"`): examples with the lengths of real conversations
-(cogumi.bench.lengths), either padded per micro-batch (unpacked) or packed whole into rows of `seq` tokens with
+(cogumi.perf.lengths), either padded per micro-batch (unpacked) or packed whole into rows of `seq` tokens with
 per-example attention (cogumi.train.packed_attention), exactly as the trainer batches them (cogumi.train.data).
 Throughput counts real (non-pad) tokens; MFU uses cogumi.train.flops, the trainer's count.
 """
@@ -14,7 +14,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from cogumi.bench.models import (
+from cogumi.perf.models import (
     GIB,
     add_lora,
     build_model,
@@ -28,7 +28,7 @@ from cogumi.bench.models import (
 
 def _real_length_data(spec: dict, vocab_size: int):
     """(timed items, collator, check batch, mix stats) for the real-length mode."""
-    from cogumi.bench.lengths import describe, load_mix, mix_examples
+    from cogumi.perf.lengths import describe, load_mix, mix_examples
     from cogumi.train.data import Collator, pack
 
     mix = load_mix()

@@ -1,6 +1,6 @@
 """Attention kernels for packed rows, measured against each other on the phase's attention shape (GPU).
 
-Rows packed from the real-length mix (cogumi.bench.lengths), the 8B attention shape (32 query heads, 8 key/value
+Rows packed from the real-length mix (cogumi.perf.lengths), the 8B attention shape (32 query heads, 8 key/value
 heads of 128), bf16, forward + backward. Each candidate's output and input gradients are compared with an fp32
 block-mask reference, so a fast kernel that is wrong shows up here. `sdpa_full_causal` (one causal attention over
 the whole row, which lets examples see each other) is not a candidate: it is the speed a packed kernel can reach.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from cogumi.bench.models import device_info, versions
+from cogumi.perf.models import device_info, versions
 
 
 def _segments_attention(q, k, v, position_ids):
@@ -36,7 +36,7 @@ def run_attention_kernels(spec: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from cogumi.bench.lengths import load_mix, mix_examples
+    from cogumi.perf.lengths import load_mix, mix_examples
     from cogumi.train.data import Collator, pack
     from cogumi.train.packed_attention import KERNELS, attend, choose_kernel
 
