@@ -67,7 +67,30 @@ def check_torch(report: list[str]) -> list[str]:
     if not bf16:
         problems.append(f"{name} has no bf16: full-precision LoRA on this stack expects an Ampere-or-newer GPU")
     report.append("attention: " + check_flash_attn(problems))
+    problems += check_kernels(report)
     return problems
+
+
+def check_kernels(report: list[str]) -> list[str]:
+    """The kernel self-test (cogumi.train.selftest) of every fast-path kernel a phase can launch on this box:
+    compiled, forward and backward on tiny tensors whose rows have their own positions, against the plain formula."""
+    import torch
+
+    from cogumi.train.fastpath import fast_path
+    from cogumi.train.packed_attention import usable_kernels
+    from cogumi.train.selftest import SWITCH_OF, run_checks
+
+    device = torch.device("cuda")
+    with fast_path("auto", "cuda") as applied:
+        pieces = [*applied.get("kernels", []), *(f"attention:{k}" for k in usable_kernels(device, torch.bfloat16)),
+                  "fused_lora", "chunked_loss"]
+        checks = run_checks(pieces, device, torch.bfloat16)
+    if not applied["liger"]:
+        report.append("kernels rms_norm, rope, swiglu: not used (liger-kernel not installed; train.liger=auto runs "
+                      "the plain modules)")
+    report.extend(f"kernel {check.line()}" for check in checks)
+    return [f"kernel self-test failed: {check.line()}; turn it off with "
+            f"{SWITCH_OF.get(check.name.split(':')[0], 'train.liger=off')}" for check in checks if not check.passed]
 
 
 def check_flash_attn(problems: list[str]) -> str:

@@ -37,6 +37,7 @@ from cogumi.train.layout import choose_layout, read_saved_layout
 from cogumi.train.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
 from cogumi.train.packed_attention import packed_attention
 from cogumi.train.plots import plot_loss
+from cogumi.train.selftest import require_kernels
 from cogumi.train.trainer import Trainer, choose_resume, claim_run_dir, make_plan
 from cogumi.train.trainlog import TRAIN_LOG
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     lock = runlock.hold_run(config.run_dir.parent, config.name) if runtime.is_main else nullcontext()
     # Fused kernels patch model classes, so they go on before any model is built, and come off at the end.
     with distributed.session(runtime), lock, fast_path(config.train.liger, runtime.device.type) as applied:
+        # Seconds on a GPU: every kernel the run will launch, against the plain formula with rows that differ. A
+        # kernel that is wrong or does not compile on this stack refuses the run here, not at step 1 (B38, B40).
+        require_kernels(applied, runtime.device, runtime.dtype, runtime.packed_kernel)
         return train(config, dataclasses.replace(runtime, fast_path=applied), args.phase, args.overrides,
                      fresh=fresh, allow_unvalidated=allow_unvalidated, allow_changed=allow_changed)
 

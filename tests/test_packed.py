@@ -70,6 +70,33 @@ def test_packed_equals_unpacked_loss_and_lora_gradients():
         torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def row0_rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """Liger 0.3.1's RoPE kernel as plain torch: every row of the micro-batch rotated with row 0's cos/sin."""
+    from cogumi.train.selftest import rope_reference
+
+    return rope_reference(q, k, cos[:1].expand_as(cos).float(), sin[:1].expand_as(sin).float())
+
+
+def test_packed_rows_keep_their_own_positions_under_a_rope_that_reads_row_0(monkeypatch):
+    """The fast path's RoPE kernel (Liger 0.3.1) reads row 0's cos/sin for every row. Packed rows are given to RoPE
+    as one row, so even such a kernel rotates every token by its own position: packed = unpacked (ISSUES_LOG B38).
+    On the code before the fix, rows 1.. of each packed micro-batch trained with row 0's positions."""
+    from transformers.models.llama import modeling_llama
+
+    examples = _examples([9, 31, 17, 40, 12, 25, 6])
+    model = _model()
+    loss_u, grads_u = _step(model, [Collator(pad_id=0, packed=False)(examples[i:i + 2])
+                                    for i in range(0, len(examples), 2)])
+    rows = pack(examples, 64)
+    assert len(rows) >= 3
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", row0_rope)
+    with packed_attention(model, "sdpa_block_mask"):
+        loss_p, grads_p = _step(model, [Collator(pad_id=0, packed=True)(rows)])  # one micro-batch, several rows
+    assert loss_p == pytest.approx(loss_u, rel=1e-5, abs=1e-6)
+    for name, grad in grads_u.items():
+        torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_packed_examples_cannot_see_each_other():
     """Change one example's tokens: the logits of the other examples in its row do not move."""
     examples = _examples([11, 20, 15, 9])
@@ -131,7 +158,9 @@ def test_probe_rows_are_shaped_like_the_run():
     make = probe_batch(Collator(pad_id=0, packed=True), rows, 512, torch.device("cpu"))
     batch = make(3)
     assert batch["input_ids"].shape == (3, sum(probe_shape(rows, packed=True)))
-    assert (batch["position_ids"][0] == 0).sum() == len(fullest)  # one segment per example of that row
+    assert ((batch["position_ids"] == 0).sum(dim=1) == len(fullest)).all()  # one segment per example of that row
+    # each row has its own boundaries, as the run's rows do: a per-row defect must change what the probe measures
+    assert len({tuple(r.tolist()) for r in batch["position_ids"]}) == 3
     make = probe_batch(Collator(pad_id=0, packed=False), examples, 512, torch.device("cpu"))
     assert make(2)["input_ids"].shape == (2, 50)
 

@@ -5,7 +5,10 @@
 
 What it changes, each piece measured in docs/PERFORMANCE.md ("Training speed on the GPU"):
 
-- Liger kernels (CUDA only, when `liger_kernel` imports): RMSNorm, RoPE and SwiGLU as fused Triton kernels.
+- Fused Triton kernels (CUDA only, when `liger_kernel` imports; switch `train.liger`): Liger's RMSNorm and RoPE,
+  and our SwiGLU (cogumi.train.kernels: Liger 0.3.1's does not compile with the lock's triton 2.3.1, ISSUES_LOG B39).
+  Liger's RoPE runs through `kernels.per_row_rope`: alone it gives every row of a micro-batch row 0's positions
+  (ISSUES_LOG B38). The three patches are undone with the others.
 - Fused LoRA linear (any device): peft's `lora.Linear.forward` computes, per layer, a float32 copy of the input
   (peft keeps adapters in float32), a float32 product, a float32 scaled copy and a float32 sum cast back to bf16, and
   saves the float32 input copy for backward. The fused version runs `y = x W^T + s (x A^T) B^T` as one autograd
@@ -32,6 +35,7 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 
 _STATE = {"fused_lora": False, "chunked_loss": False, "liger": False}
+_LIGER_ORIGINALS: dict = {}  # what the Triton kernels replaced in modeling_llama, put back by remove_fast_path
 CE_CHUNK_ELEMENTS = 512 * 131072  # rows x vocab per loss chunk (fp32: 256 MiB), about 512 rows for Llama 3
 
 
@@ -82,13 +86,10 @@ def apply_fast_path(liger: str, device_type: str, *, fused_lora: bool = True, ch
     applied = {"liger": False, "liger_version": version, "fused_lora": False, "chunked_loss": False,
                "liger_loss": False}
     if use_liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=bool(liger_loss))
+        _patch_triton_kernels(liger_loss=bool(liger_loss))
         applied["liger"] = True
+        applied["kernels"] = list(TRITON_PIECES)
         applied["liger_loss"] = bool(liger_loss)
-        _STATE["liger"] = True
     if fused_lora:
         _patch_peft_lora()
         applied["fused_lora"] = True
@@ -100,10 +101,20 @@ def apply_fast_path(liger: str, device_type: str, *, fused_lora: bool = True, ch
 
 
 def remove_fast_path() -> None:
-    """Undo the class patches of apply_fast_path that this module made (fused LoRA, chunked loss).
+    """Undo every patch of apply_fast_path: fused LoRA, chunked loss, and the Triton kernels in modeling_llama.
 
-    Liger's own patches are not undone (Liger 0.3.1 has no undo); tests that need a clean process use a subprocess.
+    (Liger's fused linear cross-entropy, kept only to measure against, is not undone: use a subprocess.)
     """
+    if _STATE["liger"]:
+        from transformers.models.llama import modeling_llama
+
+        for name, original in _LIGER_ORIGINALS.items():
+            if name == "LlamaMLP.forward":
+                modeling_llama.LlamaMLP.forward = original
+            else:
+                setattr(modeling_llama, name, original)
+        _LIGER_ORIGINALS.clear()
+        _STATE["liger"] = False
     if _STATE["fused_lora"]:
         from peft.tuners.lora import layer as lora_layer
 
@@ -125,6 +136,43 @@ def fast_path(liger: str, device_type: str, **switches) -> Iterator[dict]:
         yield applied
     finally:
         remove_fast_path()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels in modeling_llama
+
+TRITON_PIECES = ("rms_norm", "rope", "swiglu")  # what train.liger turns on; each has a self-test (selftest.py)
+
+
+def _patch_triton_kernels(*, liger_loss: bool) -> None:
+    """Liger's RMSNorm, Liger's RoPE made right per row, our SwiGLU; the originals kept for remove_fast_path."""
+    if _STATE["liger"]:
+        return
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from transformers.models.llama import modeling_llama
+
+    from cogumi.train.kernels import per_row_rope, swiglu
+
+    mlp_forward = modeling_llama.LlamaMLP.forward
+    _LIGER_ORIGINALS.update({"LlamaRMSNorm": modeling_llama.LlamaRMSNorm,
+                             "apply_rotary_pos_emb": modeling_llama.apply_rotary_pos_emb,
+                             "LlamaMLP.forward": mlp_forward})
+
+    def forward(self, x):
+        if x.device.type != "cuda" or self.config.pretraining_tp > 1 or self.config.hidden_act not in ("silu", "swish"):
+            return mlp_forward(self, x)
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    modeling_llama.LlamaRMSNorm = LigerRMSNorm  # a class swap: models built inside the block get Liger's module
+    modeling_llama.apply_rotary_pos_emb = per_row_rope(liger_rotary_pos_emb)
+    modeling_llama.LlamaMLP.forward = forward
+    _STATE["liger"] = True
+    if liger_loss:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -138,13 +138,19 @@ def probe_shape(items: list, packed: bool) -> list[int]:
 
 
 def probe_batch(collate, items: list, vocab_size: int, device: torch.device):
-    """make_batch(bs) for the probe: bs copies of the run's largest row (probe_shape), every token trained."""
+    """make_batch(bs) for the probe: bs rows as large as the run's largest (probe_shape), every token trained.
+
+    Packed, row r holds the same examples in another order (rotated by r): the same tokens and memory, but each row
+    has its own example boundaries and positions, as the run's rows do, so a kernel that is wrong per row changes
+    what the probe measures (ISSUES_LOG B38).
+    """
     lengths = probe_shape(items, collate.packed)
     row = [Example(ids, list(ids)) for ids in
            ([(7 * (i + j) + 3) % vocab_size for j in range(n)] for i, n in enumerate(lengths))]
-    item = row if collate.packed else row[0]
 
     def make(bs: int) -> dict:
-        return batch_to_device(collate([item] * bs), device)
+        if not collate.packed:
+            return batch_to_device(collate([row[0]] * bs), device)
+        return batch_to_device(collate([row[r % len(row):] + row[:r % len(row)] for r in range(bs)]), device)
 
     return make

@@ -41,17 +41,22 @@ _MARK = "_cogumi_packed_kernel"
 _BOUNDS = "_cogumi_segment_bounds"
 
 
-def choose_kernel(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
-    """The fastest exact kernel for packed rows on this device and dtype (or `requested`, checked)."""
-    flash_dtypes = (torch.bfloat16, torch.float16)
+def usable_kernels(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The packed-attention kernels that can run on this device and dtype, fastest first."""
     usable = {"sdpa_block_mask"}
-    if device.type == "cuda" and dtype in flash_dtypes:
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         if hasattr(torch.ops.aten, "_flash_attention_forward"):
             usable.add("aten_flash_varlen")
         if importlib.util.find_spec("flash_attn") is not None:
             usable.add("flash_attn_varlen")
+    return [k for k in KERNELS if k in usable]
+
+
+def choose_kernel(device: torch.device, dtype: torch.dtype, requested: str = "auto") -> str:
+    """The fastest exact kernel for packed rows on this device and dtype (or `requested`, checked)."""
+    usable = usable_kernels(device, dtype)
     if requested == "auto":
-        return next(k for k in KERNELS if k in usable)
+        return usable[0]
     if requested not in usable:
         raise UserError(f"packed attention kernel '{requested}' cannot run on {device.type} in "
                         f"{str(dtype).replace('torch.', '')}", where="packed attention kernel",
@@ -141,13 +146,21 @@ def _packed_forward(kernel: str, cache: dict):
             raise RuntimeError("packed attention is for training on packed rows (position_ids, no KV cache, no "
                                "attention weights): pass use_cache=False")
         bsz, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(bsz, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(bsz, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        heads, kv_heads, dim = self.num_heads, self.num_key_value_heads, self.head_dim
+        # The micro-batch as ONE row of bsz * length tokens, each with its own cos/sin: whatever RoPE is active
+        # (Liger's kernel reads row 0's cos/sin for every row, ISSUES_LOG B38), and the varlen kernels want this
+        # layout anyway, so the reshapes are views.
+        q = self.q_proj(hidden_states).view(1, bsz * length, heads, dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(1, bsz * length, kv_heads, dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(bsz, length, kv_heads, dim).transpose(1, 2)
         cos, sin = position_embeddings if position_embeddings is not None else self.rotary_emb(v, position_ids)
-        # Looked up at call time: Liger replaces modeling_llama.apply_rotary_pos_emb with its fused kernel.
-        q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
-        return self.o_proj(attend(kernel, q, k, v, position_ids, cache)), None, None
+        # Looked up at call time: the fast path replaces modeling_llama.apply_rotary_pos_emb with a fused kernel.
+        q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos.reshape(1, -1, dim), sin.reshape(1, -1, dim))
+
+        def rows(t, n):  # (1, n, bsz * length, D) -> (bsz, n, length, D)
+            return t.transpose(1, 2).reshape(bsz, length, n, dim).transpose(1, 2)
+
+        return self.o_proj(attend(kernel, rows(q, heads), rows(k, kv_heads), v, position_ids, cache)), None, None
 
     return forward
 
