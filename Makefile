@@ -45,7 +45,8 @@ setup: ## create .venv from the lock (uv), flash-attn wheel on GPU hosts, then `
 
 lock: ## regenerate requirements/*.txt from requirements/*.in (uv pip compile, hashes, fixed date)
 	uv pip compile requirements/base.in $(LOCK_FLAGS) --no-build -o requirements/base.txt
-	uv pip compile requirements/dev.in $(LOCK_FLAGS) --no-build -o requirements/dev.txt
+	uv pip compile requirements/dev.in $(LOCK_FLAGS) --no-build \
+		--exclude-newer-package liger-kernel=2024-10-02T00:00:00Z -o requirements/dev.txt
 	# tracking (tensorboard, wandb): its own lock, constrained by base.txt (requirements/tracking.in says why).
 	uv pip compile requirements/tracking.in $(LOCK_FLAGS) --no-build -o requirements/tracking.txt
 	uv pip compile requirements/gpu.in $(LOCK_FLAGS) --config-file requirements/uv.toml \

@@ -18,43 +18,17 @@ Importing this module needs no Triton; the kernels are built on first use (CUDA 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 SWIGLU_BLOCK = 1024  # elements per program: an elementwise kernel, bound by memory bandwidth
 SWIGLU_WARPS = 4
 
 
-@functools.cache
 def swiglu_kernels():
-    """(forward, backward) Triton kernels of out = silu(gate) * up, in float32 inside, one rounding on store."""
-    import triton
-    import triton.language as tl
+    """(forward, backward) Triton kernels of out = silu(gate) * up (cogumi.train.swiglu_triton imports Triton)."""
+    from cogumi.train import swiglu_triton
 
-    @triton.jit
-    def swiglu_forward_kernel(gate_ptr, up_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
-        # int64 offsets: a micro-batch of 16k tokens x 14336 is past 2**31 elements in the backward's buffers
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n_elements
-        gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        out = gate * tl.sigmoid(gate) * up
-        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def swiglu_backward_kernel(grad_ptr, gate_ptr, up_ptr, grad_gate_ptr, grad_up_ptr, n_elements,
-                               BLOCK: tl.constexpr):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < n_elements
-        grad = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        # d silu(g) / dg = sig + silu * (1 - sig)
-        tl.store(grad_gate_ptr + offsets, (grad * up * (sig + silu * (1.0 - sig))).to(grad_gate_ptr.dtype.element_ty),
-                 mask=mask)
-        tl.store(grad_up_ptr + offsets, (grad * silu).to(grad_up_ptr.dtype.element_ty), mask=mask)
-
-    return swiglu_forward_kernel, swiglu_backward_kernel
+    return swiglu_triton.swiglu_forward_kernel, swiglu_triton.swiglu_backward_kernel
 
 
 @functools.cache
@@ -119,3 +93,47 @@ def per_row_rope(rope):
 
     apply.per_row = True
     return apply
+
+
+# ------------------------------------------------------------------ every Triton launch of the fast path
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One Triton kernel as the fast path launches it at one model shape: its parameters in order, each either a
+    Triton type string (`*bf16`, `i32`, `fp32`) or, for a constexpr parameter, its value. Read by
+    tests/test_kernels_aot.py, which compiles each for sm_80 and sm_90 with the lock's triton and no GPU."""
+
+    name: str
+    fn: object
+    params: tuple
+    num_warps: int
+
+
+def triton_launches(hidden: int = 4096, intermediate: int = 14336, heads: int = 32, kv_heads: int = 8,
+                    head_dim: int = 128, dtype: str = "bf16") -> list[Launch]:
+    """The Triton kernels train.liger turns on (fastpath.TRITON_PIECES), as launched for a Llama of this shape."""
+    import triton
+    from liger_kernel.ops.rms_norm import _rms_norm_backward_kernel, _rms_norm_forward_kernel
+    from liger_kernel.ops.rope import _triton_rope
+    from liger_kernel.ops.utils import calculate_settings
+
+    ptr, f32 = f"*{dtype}", "*fp32"
+    norm_block, norm_warps = calculate_settings(hidden)
+    llama_casting = 0  # Liger's casting mode "llama", LigerRMSNorm's default
+    rms_forward = (ptr, "i32", ptr, "i32", ptr, "i32", f32, "i32", "i32", "fp32", "fp32", llama_casting, norm_block)
+    rms_backward = (ptr, "i32", ptr, "i32", ptr, "i32", f32, "i32", ptr, "i32", "i32", "fp32", llama_casting,
+                    norm_block)
+    pad_q, pad_kv, pad_d = (triton.next_power_of_2(n) for n in (heads, kv_heads, head_dim))
+    # bs = 1: packed rows reach RoPE as one row (per_row_rope / packed_attention), unpacked rows share positions
+    rope = (ptr, "i32", ptr, "i32", ptr, "i32", ptr, "i32", "i32", 1, heads, kv_heads, head_dim, pad_q, pad_kv, pad_d,
+            max(pad_q, pad_kv))
+    swiglu_forward, swiglu_backward = swiglu_kernels()
+    return [
+        Launch("rms_norm forward", _rms_norm_forward_kernel, rms_forward, norm_warps),
+        Launch("rms_norm backward", _rms_norm_backward_kernel, rms_backward, norm_warps),
+        Launch("rope forward", _triton_rope, (*rope, False), 4),
+        Launch("rope backward", _triton_rope, (*rope, True), 4),
+        Launch("swiglu forward", swiglu_forward, (ptr, ptr, ptr, "i32", SWIGLU_BLOCK), SWIGLU_WARPS),
+        Launch("swiglu backward", swiglu_backward, (ptr, ptr, ptr, ptr, ptr, "i32", SWIGLU_BLOCK), SWIGLU_WARPS),
+    ]

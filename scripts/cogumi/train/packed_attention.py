@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("flash_attn_varlen", "aten_flash_varlen", "sdpa_block_mask")
 _MARK = "_cogumi_packed_kernel"
-_BOUNDS = "_cogumi_segment_bounds"
+BOUNDS_ATTRIBUTE = "_cogumi_segment_bounds"  # segment bounds ride on position_ids (batch_to_device)
 
 
 def usable_kernels(device: torch.device, dtype: torch.dtype) -> list[str]:
@@ -86,7 +86,7 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if "position_ids" in batch:
         cu, longest = segment_bounds(batch["position_ids"])
-        setattr(moved["position_ids"], _BOUNDS, (cu.to(device, non_blocking=True), longest))
+        setattr(moved["position_ids"], BOUNDS_ATTRIBUTE, (cu.to(device, non_blocking=True), longest))
     return moved
 
 
@@ -116,7 +116,7 @@ def attend(kernel: str, q, k, v, position_ids, cache: dict | None = None):
         return out.transpose(1, 2).reshape(bsz, length, heads * dim)
     cache = {} if cache is None else cache
     if cache.get("key") is not position_ids:
-        bounds = getattr(position_ids, _BOUNDS, None)  # set by batch_to_device: no read back from the GPU
+        bounds = getattr(position_ids, BOUNDS_ATTRIBUTE, None)  # set by batch_to_device: no read back from the GPU
         cache.update(key=position_ids, bounds=bounds or segment_bounds(position_ids))
     cu, longest = cache["bounds"]
 
