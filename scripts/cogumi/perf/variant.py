@@ -36,14 +36,12 @@ def _real_length_data(spec: dict, vocab_size: int):
     examples = mix_examples(mix, vocab_size, seq, int(spec["real_examples"]), seed=int(spec.get("mix_seed", 0)))
     collate = Collator(pad_id=0, packed=packed)
     items = pack(examples, seq) if packed else examples
-    # The loss check: the same first examples in every variant (one packed row, or one padded row each).
-    first, used = [], 0
-    for ex in examples:
-        if used + len(ex.input_ids) > seq or len(first) == 8:
-            break
-        first.append(ex)
-        used += len(ex.input_ids)
-    check = collate([first]) if packed else collate(first)
+    # The loss check: the same first examples in every variant, as packed rows or one padded row each. Several
+    # packed rows, each with its own example boundaries and positions: a kernel that is wrong per row (ISSUES_LOG
+    # B38) moves this loss and gradient away from the plain path's; one row could not show it.
+    rows = pack(examples[:14], seq)[:3]
+    first = [ex for row in rows for ex in row]
+    check = collate(rows) if packed else collate(first)
     return items, collate, check, {**describe(mix["lengths"]), "timed_examples": len(examples)}
 
 

@@ -27,10 +27,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import types
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cogumi.core.errors import UserError
 
@@ -112,7 +113,10 @@ def attend(kernel: str, q, k, v, position_ids, cache: dict | None = None):
     if kernel == "sdpa_block_mask":
         if kv_heads != heads:  # sdpa on torch 2.3 has no grouped-query attention: repeat K and V
             k, v = k.repeat_interleave(heads // kv_heads, dim=1), v.repeat_interleave(heads // kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=scale)
+        # On the CPU, torch's fused sdpa kernel returns NaN for a query whose only allowed key is itself at some
+        # tile offsets (an example's first token in row 2+ of a micro-batch, ISSUES_LOG B41): the math kernel is exact.
+        with sdpa_kernel(SDPBackend.MATH) if q.device.type == "cpu" else nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(position_ids), scale=scale)
         return out.transpose(1, 2).reshape(bsz, length, heads * dim)
     cache = {} if cache is None else cache
     if cache.get("key") is not position_ids:
