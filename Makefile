@@ -29,7 +29,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-validate bench-quantize gpu-wheels test test-fast lint bundle quantize rehearse
+.PHONY: help setup lock check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-validate bench-quantize gpu-wheels test test-gpu test-fast lint bundle quantize rehearse
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -116,7 +116,10 @@ lint: ## ruff
 	$(PY) -m ruff check scripts tests
 
 test: lint ## ruff + pytest (CPU only; about 10 minutes on 2 cores)
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q tests --ignore=tests/gpu $(ARGS)
+
+test-gpu: ## GPU: every fast-path kernel against the plain path at 8B shapes, noise-floor tolerances (under 5 min)
+	$(PY) -m pytest -q tests/gpu -p no:cacheprovider $(ARGS)
 
 test-fast: lint ## ruff + the tests not marked slow (under 2 minutes on 2 cores): the loop while editing
-	$(PY) -m pytest -q tests -m "not slow" $(ARGS)
+	$(PY) -m pytest -q tests --ignore=tests/gpu -m "not slow" $(ARGS)
