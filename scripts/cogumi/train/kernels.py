@@ -91,7 +91,6 @@ def per_row_rope(rope):
                       None, unsqueeze_dim)
         return rows(q1), rows(k1)
 
-    apply.per_row = True
     return apply
 
 
