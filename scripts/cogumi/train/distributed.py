@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import pickle
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 # A collective that waits longer than this fails instead of hanging (a rank died without torchrun noticing, e.g.
 # on another host). Long enough for rank 0's memory probe and a checkpoint save of an 8B LoRA.
 DEFAULT_TIMEOUT_S = 1800
+
+# Every tensor this module hands a collective stays referenced from Python for the life of the process (B42). With
+# gloo (torch 2.3) the group's worker thread frees a finished work under the group's mutex; if that work held the last
+# reference to a tensor made in Python, freeing it needs the GIL. destroy_process_group (or the group's last
+# reference going away) takes that mutex while holding the GIL: both wait forever. torch's own object collectives
+# drop their tensors on return, so a 2-rank session of broadcasts hung at its end in 1 run of 6. The cost is a few
+# hundred bytes per collective (about one per optimizer step).
+_HANDED: list[torch.Tensor] = []
 
 
 def active() -> bool:
@@ -65,25 +74,35 @@ def broadcast(obj):
     """Rank 0's `obj` on every rank."""
     if not active():
         return obj
-    box = [obj]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
+    payload = pickle.dumps(obj) if torch_dist.get_rank() == 0 else b""
+    size = _handed(torch.tensor([len(payload)], dtype=torch.int64, device=_device()))
+    torch_dist.broadcast(size, src=0)
+    data = _handed(_bytes_tensor(payload, int(size.item())))
+    torch_dist.broadcast(data, src=0)
+    return pickle.loads(data.cpu().numpy().tobytes())
 
 
 def gather(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not active():
         return [obj]
-    out = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
+    world = torch_dist.get_world_size()
+    payload = pickle.dumps(obj)
+    size = _handed(torch.tensor([len(payload)], dtype=torch.int64, device=_device()))
+    sizes = [_handed(torch.zeros_like(size)) for _ in range(world)]
+    torch_dist.all_gather(sizes, size)
+    longest = max(int(s.item()) for s in sizes)
+    padded = _handed(_bytes_tensor(payload + b"\0" * (longest - len(payload)), longest))
+    parts = [_handed(torch.empty_like(padded)) for _ in range(world)]
+    torch_dist.all_gather(parts, padded)
+    return [pickle.loads(part.cpu().numpy().tobytes()[:int(n.item())]) for part, n in zip(parts, sizes, strict=True)]
 
 
 def sum_values(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum over ranks (one small all-reduce)."""
     if not active():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = _handed(torch.tensor(values, dtype=torch.float64, device=device))
     torch_dist.all_reduce(t)
     return t.tolist()
 
@@ -117,3 +136,22 @@ def on_main(fn: Callable, *args, **kwargs):
         err.exit_code = code
         raise err
     raise RuntimeError(f"rank 0 failed: {value}")
+
+
+def _handed(tensor: torch.Tensor) -> torch.Tensor:
+    _HANDED.append(tensor)
+    return tensor
+
+
+def _device() -> torch.device:
+    """Where the collectives' tensors live: the current GPU under NCCL, the CPU under gloo."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _bytes_tensor(payload: bytes, size: int) -> torch.Tensor:
+    """`payload` as a uint8 tensor on the collectives' device (an empty one of `size` bytes where payload is b"")."""
+    if not payload:
+        return torch.empty(size, dtype=torch.uint8, device=_device())
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(_device())
