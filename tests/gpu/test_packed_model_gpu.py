@@ -3,9 +3,10 @@
 A 2-layer model of the Llama-3.1-8B shape (random weights, LoRA r16 on every linear layer with random B), micro-
 batches of 1 to 4 packed rows whose example boundaries differ row by row, bf16. For each packed-attention kernel,
 with the Triton kernels (train.liger) on and off: the logits of every example, the loss and every LoRA gradient
-against the same examples one at a time through the plain path in float32; allowed: NOISE_FACTOR x the error of
-the plain path itself in bf16 (the measured noise floor). Uses only the fast path's public entry points, so the same
-file runs against older trees (how the RoPE defect of ISSUES_LOG B38 was shown failing).
+against the same examples one at a time through the plain path in float32; allowed, for each of the three:
+NOISE_FACTOR x the error of the plain path itself in bf16 on the same quantity (the measured noise floor). Uses
+only the fast path's public entry points, so the same file runs against older trees (how the RoPE defect of
+ISSUES_LOG B38 was shown failing at model level).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from cogumi.train.fastpath import fast_path
 from cogumi.train.packed_attention import KERNELS, batch_to_device, choose_kernel, packed_attention
 
 pytestmark = pytest.mark.gpu
-NOISE_FACTOR = 4.0
+# Measured on an H200 (docs/GPU_CHECKS.md): the fast path's error over the plain bf16 path's is 1.00 (at most 1.003)
+# for logits, loss and LoRA gradients in every case; the code before B38 (rows 2+ with row 0's positions) gives the
+# logits 3.1-3.6 x their noise. bf16 LoRA gradients are noisy here (0.55-0.69 relative L2 for the worst tensor), so
+# they are checked against their own noise, not the logits'.
+NOISE_FACTOR = 2.0
 ROWS = [[300, 120, 604], [1024], [57, 400, 311, 256], [700, 324]]  # 1024-token rows, boundaries differ per row
 CUDA = torch.device("cuda")
 
@@ -137,10 +142,11 @@ def test_packed_rows_equal_each_example_alone(references, n_rows, kernel, liger,
     rows, reference, plain = references[n_rows]
     fast, applied = packed(torch.bfloat16, rows, liger, kernel)
     assert len(fast) == len(reference) > 2
-    noise = worst(plain, reference)
-    parts = {"logits": worst(fast[:1], reference[:1]), "loss": worst(fast[1:2], reference[1:2]),
-             "lora_grads": worst(fast[2:], reference[2:])}
-    error, allowed = max(parts.values()), NOISE_FACTOR * max(noise, 2.0 ** -8)
-    record(n_rows=n_rows, kernel=kernel, liger=applied["liger"], error=error, noise=noise, allowed=allowed,
-           parts=parts, passed=error <= allowed)
-    assert error <= allowed, f"{parts} allowed {allowed:.3e} (bf16 noise {noise:.3e})"
+    split = {"logits": slice(0, 1), "loss": slice(1, 2), "lora_grads": slice(2, None)}
+    parts = {name: worst(fast[at], reference[at]) for name, at in split.items()}
+    noise = {name: worst(plain[at], reference[at]) for name, at in split.items()}
+    allowed = {name: NOISE_FACTOR * max(noise[name], 2.0 ** -8) for name in split}
+    failed = [name for name in split if parts[name] > allowed[name]]
+    record(n_rows=n_rows, kernel=kernel, liger=applied["liger"], parts=parts, noise=noise, allowed=allowed,
+           ratio={name: parts[name] / max(noise[name], 1e-12) for name in split}, passed=not failed)
+    assert not failed, f"{failed}: errors {parts}, allowed {allowed} (bf16 noise {noise})"
