@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--phase", required=True, help="phase name (1a, 1b, demo) or a path to a config YAML")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the logits comparison (it loads one float32 model); the report says skipped")
-    parser.add_argument("overrides", nargs="*", help="config overrides like stream.verify_prompts=2")
+    parser.add_argument("overrides", nargs="*", help="config overrides like merge.verify_prompts=2")
     return parser.parse_args(argv)
 
 

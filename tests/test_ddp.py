@@ -189,7 +189,7 @@ def test_ranks_leave_a_session_of_object_collectives_without_deadlock():
     7 runs. Three runs side by side (each ends one session); any hang fails."""
     env = {**os.environ, "PYTHONPATH": str(SCRIPTS_DIR), "OMP_NUM_THREADS": "1", "COGUMI_DIST_TIMEOUT_S": "60"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--monitor-interval", "1", str(Path(__file__).with_name("ddp_session_worker.py")), "3"]
+           "--monitor-interval", "1", str(REPO_ROOT / "tests" / "ddp_session_worker.py"), "3"]
     deadline = time.monotonic() + 240  # one for all three: a healthy set takes ~25 s on a loaded 2-core box
     runs = [launch(cmd, env) for _ in range(3)]
     for proc in runs:
