@@ -126,3 +126,43 @@ def test_layout_settings_combine_with_the_checkpointing_switch(tmp_path):
         load_config(path, ["train.gradient_checkpointing=false", "train.checkpoint_layers=8"])
     assert load_config(path, ["train.checkpoint_layers=auto", "train.memory_budget_gib=40"]).train.memory_budget_gib \
         == 40.0
+
+
+def _refusal(path: Path, overrides: list[str] | None = None) -> UserError:
+    with pytest.raises(UserError) as err:
+        load_config(path, overrides)
+    return err.value
+
+
+def test_a_key_or_section_given_twice_is_refused_with_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  learning_rate: 2.0e-4\n  max_steps: 5\nlora:\n  r: 8\ntrain:\n  max_steps: 9\n")
+    err = _refusal(path)  # YAML alone would keep the second train: and drop the learning rate
+    assert "'train' appears twice" in err.what and "lines 1 and 6" in err.what
+    assert err.where == f"{path}:6"
+    path.write_text("lora:\n  r: 8\n  r: 16\n")
+    assert "'r' appears twice" in _refusal(path).what
+
+
+@pytest.mark.parametrize("text, words", [("- train\n- lora\n", "top level must be a mapping"),
+                                         ("just a string\n", "top level must be a mapping")])
+def test_a_top_level_that_is_not_a_mapping_is_refused(tmp_path, text, words):
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    assert words in _refusal(path).what
+
+
+def test_a_config_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("train:\n  max_steps: 5\n# caf\u00e9\n".encode("latin-1"))
+    err = _refusal(path)
+    assert "not UTF-8" in err.what and err.where == f"{path}:3"
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=.nan", "train.learning_rate=.inf",
+                                      "train.warmup_ratio=.NaN", "lora.dropout=-.inf"])
+def test_nan_and_infinity_are_refused(tmp_path, override):
+    path = tmp_path / "p.yaml"
+    path.write_text("lora:\n  r: 8\n")
+    err = _refusal(path, [override])
+    assert "finite number" in err.what and override.split("=")[0] in err.where

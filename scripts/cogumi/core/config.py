@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,11 @@ _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _check_type(value, hint, key: str, source: str):
-    """Accept the YAML value when it fits the annotation; ints pass for floats."""
+    """Accept the YAML value when it fits the annotation; ints pass for floats; numbers must be finite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        # YAML's .nan and .inf pass every range check (nan < 0 and nan > 1 are both False).
+        raise UserError(f"'{key}' must be a finite number, got {value!r}", where=f"{source}: {key}",
+                        fix=f"give '{key}' a number, e.g. the phase YAML's value")
     text = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
     names = set(text.split(" | "))
     if key in AUTO_ON_OFF and value is not None:
@@ -252,18 +257,58 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PhaseConfig:
-    path = Path(path)
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (by default the last one silently wins:
+    a repeated `train:` section reset the learning rate)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise UserError(f"key '{key}' appears twice in one section (lines {seen[key]} and "
+                                f"{key_node.start_mark.line + 1})", where=f"{self.name}:{key_node.start_mark.line + 1}",
+                                fix="keep one of them: YAML would silently use the last")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """A config file as a dict: UTF-8, valid YAML, no duplicate keys, a mapping at the top (or empty)."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise UserError(f"config file not found: {path}", where=str(path),
                         fix="check PHASE= or the path; configs live in configs/") from err
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise UserError(f"the config is not UTF-8 text (byte {err.start})", where=f"{path}:{line}",
+                        fix="save the file as UTF-8") from None
+    except IsADirectoryError:
+        raise UserError(f"the config path is a folder: {path}", where=str(path),
+                        fix="give a .yaml file, or PHASE=1a") from None
+    loader = _StrictLoader(text)
+    loader.name = str(path)
+    try:
+        raw = loader.get_single_data()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"YAML syntax error: {getattr(err, 'problem', err)}", where=where,
                         fix="fix the YAML at that line") from err
+    finally:
+        loader.dispose()
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"the config's top level must be a mapping of sections, got a {type(raw).__name__}",
+                        where=str(path), fix="start with sections like `train:` and `lora:` (see configs/phase1a.yaml)")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PhaseConfig:
+    path = Path(path)
+    raw = read_yaml_mapping(path)
     raw.setdefault("name", path.stem)
     values = _merge(raw, parse_overrides(overrides or []))
     config = _build(PhaseConfig, values, str(path))
