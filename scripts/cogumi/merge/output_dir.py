@@ -56,17 +56,48 @@ def refuse_existing(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not force:
         raise UserError(f"the merged output already exists: {out_dir}", where=str(out_dir),
                         fix="run with FORCE=1 to replace it (the old one is moved aside, not deleted)")
-    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        log.warning("a temporary folder of an interrupted merge is still here, using %s: %s",
-                    human_bytes(fsutil.dir_size(stale)), stale)
 
 
-def preflight_disk(weights_bytes: int, side_bytes: int, out_dir: Path, margin: int) -> int:
+def reclaim_dead_merges(out_dir: Path) -> list[Path]:
+    """Remove the temporary folders of merges into `out_dir` whose process is gone (kill -9, power loss: ~16 GB
+    each for the 8B); return the ones still owned by a live process. The caller holds the run lock, so no other
+    merge of this run is writing; the pid check also covers a merge started without it."""
+    alive = []
+    for stale in sorted(out_dir.parent.glob(f".{out_dir.name}.tmp-*")):
+        pid = stale.name.rsplit("-", 1)[-1]
+        size = fsutil.dir_size(stale)
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+            if not stale.exists():
+                log.warning("removed the temporary folder of a merge that died (pid %s is gone): %s, freed %s",
+                            pid, stale, human_bytes(size))
+                continue
+        log.warning("a temporary folder of another merge is here, using %s: %s (its process %s is alive)",
+                    human_bytes(size), stale, pid)
+        alive.append(stale)
+    return alive
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def preflight_disk(weights_bytes: int, side_bytes: int, out_dir: Path, margin: int,
+                   leftovers: list[Path] = ()) -> int:
     need = weights_bytes + side_bytes + margin
     free = fsutil.free_bytes(out_dir.parent)
     if free < need:
+        held = sum(fsutil.dir_size(path) for path in leftovers)
+        also = (f"; {len(leftovers)} temporary folder(s) of live merges hold {human_bytes(held)}: "
+                f"{', '.join(path.name for path in leftovers)}") if leftovers else ""
         raise UserError(f"not enough disk for the merged model: {human_bytes(free)} free, {human_bytes(need)} "
-                        f"needed (weights {human_bytes(weights_bytes)} + margin {human_bytes(margin)})",
+                        f"needed (weights {human_bytes(weights_bytes)} + margin {human_bytes(margin)}){also}",
                         where=str(out_dir.parent), fix="free space there, or set output_root to a bigger disk")
     return need
 

@@ -55,8 +55,9 @@ def run_merge(job: MergeJob) -> dict:
     out_dir = Path(job.out_dir)
     output_dir.refuse_existing(out_dir, job.force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    live_leftovers = output_dir.reclaim_dead_merges(out_dir)
     output_dir.preflight_disk(sum(s.path.stat().st_size for s in shards), inputs.side_files_size(base_dir), out_dir,
-                           job.margin_bytes)
+                              job.margin_bytes, live_leftovers)
     log.info("merge: %s + %s -> %s (%d shards, %d tensors updated)", job.base_model, adapter.path, out_dir,
              len(shards), len(updates))
     checked = time.perf_counter()
