@@ -40,7 +40,7 @@ def parse_args(argv):
                                            "(default: validate.baseline, else the phase's base_model)")
     parser.add_argument("--limit", type=int, help="first N problems per task after the seeded shuffle")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. validate.limit=20")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -39,7 +39,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", help="put every demo output under this folder instead of checkpoints/")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def root_overrides(root: str | None) -> list[str]:

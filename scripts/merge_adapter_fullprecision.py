@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-verify", action="store_true",
                         help="skip the logits comparison (it loads one float32 model); the report says skipped")
     parser.add_argument("overrides", nargs="*", help="config overrides like merge.verify_prompts=2")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def build_job(config, args: argparse.Namespace) -> stream.MergeJob:

@@ -28,7 +28,7 @@ def parse_args(argv):
     parser.add_argument("--quant", choices=QUANTS, default="nf4")
     parser.add_argument("--source", help="merged model folder (default: the phase's merged output)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

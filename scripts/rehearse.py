@@ -27,7 +27,7 @@ def parse_args(argv):
     parser.add_argument("--steps", type=int, default=24, help="training steps of the rehearsal (a checkpoint half-way)")
     parser.add_argument("--problems", type=int, default=4, help="validation problems per task")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, applied to the real run too")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--phase", default="1a", help="1a, 1b, demo, or a path to a YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=50")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(config, runtime, phase: str, overrides: list[str], *, fresh: bool, allow_unvalidated: bool,
           allow_changed: bool) -> int:
-    log.info("config %s -> outputs in %s\n%s", phase, config.run_dir, _resolved_yaml(config))
+    # One line, not the whole config: a refusal below must be the first screen the user sees. The resolved config
+    # goes to config.resolved.yaml once the checks pass (`make config` prints it without starting a run).
+    log.info("config %s -> outputs in %s", phase, config.run_dir)
+    log.debug("resolved config:\n%s", _resolved_yaml(config))
     rows = read_data(config.data)  # a missing or malformed data file fails in seconds, not after a 16 GB download
     # Refuses quantized, unvalidated, changed-since-validated and misreadable bases, and unknown LoRA targets,
     # before any weight loads.

@@ -35,3 +35,28 @@ def test_the_config_check_never_imports_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, text=True, capture_output=True, timeout=120,
                           env={"PYTHONPATH": str(SCRIPTS_DIR), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
+
+
+def test_a_flag_between_overrides_is_taken_as_a_flag():
+    from benchmark import parse_args
+
+    args = parse_args(["--phase", "demo", "validate.max_new_tokens=64", "--limit", "3", "train.max_steps=2"])
+    assert args.limit == 3 and args.overrides == ["validate.max_new_tokens=64", "train.max_steps=2"]
+
+
+def test_an_empty_phase_is_named_as_such_not_as_a_missing_config():
+    done = make_config("PHASE=", "ARGS=train.max_steps=3")
+    assert done.returncode != 0 and "no phase given" in done.stderr and "PHASE=1a" in done.stderr
+
+
+def test_a_refused_run_shows_its_refusal_first_not_after_the_config(tmp_path, tiny_base):
+    from train_helpers import TRAIN_SCRIPT, write_config
+
+    config = write_config(tmp_path, tiny_base, tmp_path / "missing.jsonl")
+    env = {"PYTHONPATH": str(SCRIPTS_DIR), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, str(TRAIN_SCRIPT), "--phase", str(config)], cwd=REPO_ROOT, text=True,
+                          capture_output=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    first = next(i for i, line in enumerate(lines) if "ERROR" in line)
+    assert first <= 5 and len(lines) <= 15, "\n".join(lines)  # it came after ~55 lines of resolved config
