@@ -9,6 +9,7 @@ folder's files are there and readable, and lora.target_modules exist in the arch
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from cogumi.core.errors import UserError
@@ -94,24 +95,61 @@ def refuse_incompatible_base(folder: Path) -> dict:
     return config
 
 
-def linear_module_names(folder: Path) -> set[str]:
-    """The last name of every Linear module of the base's architecture, built on the meta device (no weights)."""
+def linear_modules(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every Linear module of the base's architecture, full name -> (in, out) features, built on the meta device
+    (no weights)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    return {name: (module.in_features, module.out_features) for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)}
 
 
-def check_target_modules(targets, folder: Path) -> None:
-    """lora.target_modules must name Linear modules of this architecture (checked before any weight loads)."""
-    if targets == "all-linear":
-        return
-    available = linear_module_names(folder)
-    unknown = [t for t in targets if t not in available]
-    if unknown:
-        raise UserError(f"lora.target_modules {unknown} are not Linear modules of this base",
-                        where=f"lora.target_modules (base {folder})",
-                        fix=f"use all-linear or some of: {', '.join(sorted(available))}")
+def check_lora_against_base(lora, folder: Path) -> None:
+    """Before any weight loads: target_modules name Linear modules of this architecture; every rank_pattern and
+    alpha_pattern key matches one (peft ignores a key that matches nothing); no rank exceeds the smaller side of a
+    module it applies to (a rank above it trains parameters that cannot add rank: lora.r=100000 on a 128-wide model
+    trained 819 M parameters)."""
+    modules = linear_modules(folder)
+    short = {name.rsplit(".", 1)[-1] for name in modules}
+    if lora.target_modules == "all-linear":
+        targeted = {name: dims for name, dims in modules.items() if not name.endswith("lm_head")}  # as peft does
+    else:
+        unknown = [t for t in lora.target_modules if t not in short]
+        if unknown:
+            raise UserError(f"lora.target_modules {unknown} are not Linear modules of this base",
+                            where=f"lora.target_modules (base {folder})",
+                            fix=f"use all-linear or some of: {', '.join(sorted(short))}")
+        targeted = {name: dims for name, dims in modules.items() if name.rsplit(".", 1)[-1] in lora.target_modules}
+    for key, rank in lora.rank_pattern.items():
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise UserError(f"lora.rank_pattern[{key!r}] must be a positive whole rank, got {rank!r}",
+                            where=f"lora.rank_pattern (base {folder})", fix="e.g. lora.rank_pattern={q_proj: 32}")
+    for key_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(lora, key_name):
+            if not any(_pattern_matches(key, name) for name in targeted):
+                raise UserError(f"lora.{key_name} key {key!r} matches none of the modules LoRA trains",
+                                where=f"lora.{key_name} (base {folder})",
+                                fix=f"name a targeted module, e.g. {sorted(short - {'lm_head'})[0]} or "
+                                    f"layers.0.self_attn.q_proj; peft would silently ignore it")
+    for name, (fan_in, fan_out) in targeted.items():
+        # peft takes the first matching key of rank_pattern then alpha_pattern, and that key's rank if it has one.
+        key = next((k for k in [*lora.rank_pattern, *lora.alpha_pattern] if _pattern_matches(k, name)), None)
+        rank = lora.rank_pattern.get(key, lora.r)
+        if rank > min(fan_in, fan_out):
+            raise UserError(f"LoRA rank {rank} exceeds {name}'s smaller side ({fan_in} in, {fan_out} out): a rank "
+                            "above it cannot add rank, it only adds parameters", where=f"lora.r (base {folder})",
+                            fix=f"use lora.r <= {min(fan_in, fan_out)} (typical: 8-64)")
+
+
+def _pattern_matches(key: str, name: str) -> bool:
+    """peft 0.12's rule for rank_pattern / alpha_pattern keys: a regex matching a suffix after a dot (so a module's
+    full name, which has no dot before it, matches nothing)."""
+    try:
+        return re.match(rf".*\.{key}$", name) is not None
+    except re.error as err:
+        raise UserError(f"lora pattern key {key!r} is not a valid regular expression ({err})",
+                        where="lora.rank_pattern / lora.alpha_pattern", fix="e.g. q_proj or layers\\.0\\..*") from None

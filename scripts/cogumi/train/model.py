@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cogumi.core import hub
-from cogumi.core.basecompat import check_target_modules, refuse_incompatible_base
+from cogumi.core.basecompat import check_lora_against_base, refuse_incompatible_base
 from cogumi.core.config import LoraConfig, PhaseConfig, TrainConfig
 from cogumi.core.errors import UserError
 from cogumi.core.guards import refuse_quantized_base
@@ -132,7 +132,7 @@ def build_base(config: PhaseConfig, *, allow_unvalidated: bool = False) -> Base:
     warning = require_validated(path, allow_unvalidated=allow_unvalidated)  # stamped weights still the same bytes
     if warning:
         log.warning("ALLOW_UNVALIDATED=1: %s; this is recorded in the adapter's manifest", warning)
-    check_target_modules(config.lora.target_modules, path)
+    check_lora_against_base(config.lora, path)
     return Base(spec=spec, path=path, fingerprint=weights_fingerprint(path), unvalidated_warning=warning)
 
 
