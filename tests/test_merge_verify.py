@@ -69,7 +69,7 @@ def test_every_correct_merge_passes(base_name, magnitude, bf16_base, fp32_base, 
 
 
 def test_a_correct_merge_whose_adapter_moves_logits_by_their_whole_scale_passes(bf16_base, adapters, tmp_path):
-    # the H200 report of issue 21: max |diff| 1.21 against an allowed 0.369 (1 % x sqrt(layers) x the largest
+    # the H200 report of ISSUES_LOG B43: max |diff| 1.21 against an allowed 0.369 (1 % x sqrt(layers) x the largest
     # logit), the adapter moving logits by 6.14, top-1 agreement 1.0: a correct merge failed. The same here:
     check = verified(bf16_base, adapters("bf16", 0.2), tmp_path / "merged")
     old_rule = 0.01 * math.sqrt(2) * check["reference_logit_max"]

@@ -217,7 +217,7 @@ def check_weights(peft_model, merged_dir: Path, device: torch.device) -> dict:
     from peft.tuners.lora import LoraLayer
 
     from cogumi.merge.inputs import scan_base
-    from cogumi.merge.write import _read_tensor
+    from cogumi.merge.write import read_tensor
 
     started = time.perf_counter()
     located = {name: shard for shard in scan_base(merged_dir) for name in shard.entries}
@@ -234,7 +234,7 @@ def check_weights(peft_model, merged_dir: Path, device: torch.device) -> dict:
                 missing.append(key)
                 continue
             src = handles.get(shard.path) or handles.setdefault(shard.path, open(shard.path, "rb"))
-            stored = _read_tensor(src, shard, key)
+            stored = read_tensor(src, shard, key)
             fraction, ulps = _weight_error(layer, stored.to(device=device), device)
             tensors += 1
             if fraction > worst["fraction"] or worst["tensor"] is None:
