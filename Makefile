@@ -29,7 +29,7 @@ LOCK_FLAGS := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --ge
 	--exclude-newer $(EXCLUDE_NEWER) --quiet
 export UV_VERSION
 
-.PHONY: help setup lock config check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-validate bench-quantize gpu-wheels test test-gpu test-fast lint bundle quantize rehearse
+.PHONY: help setup lock config check demo train merge validate monitor bench-train length-mix bench-ddp bench-merge bench-validate bench-quantize bench-card gpu-wheels test test-gpu test-fast lint bundle quantize rehearse
 
 help: ## list the targets
 	@echo "Cogumi-LLM: fine-tune an instruct model phase by phase (setup -> train -> merge -> validate)."
@@ -108,6 +108,9 @@ bench-merge: ## merge benchmark: streaming merge vs peft merge_and_unload (rando
 
 bench-validate: ## GPU: validation decoding, transformers generate vs the fast path (8B shape), full-run GPU time
 	$(PY) scripts/bench/bench_validate.py $(ARGS)
+
+bench-card: ## GPU: the run card against a real run: rehearse, then a short train, merge and validate, timed (BASE= DATA=)
+	PY=$(PY) PHASE=$(PHASE) bash scripts/bench/gpu_card_check.sh $(BASE) $(DATA) $(ARGS)
 
 gpu-wheels: ## the pinned pure-Python stack as wheels in .whl/, for a GPU image with another torch (needs PyPI)
 	bash scripts/bench/gpu_wheels.sh

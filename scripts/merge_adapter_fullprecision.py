@@ -46,9 +46,10 @@ def build_job(config, args: argparse.Namespace) -> stream.MergeJob:
 
 def summarize(report: dict) -> None:
     check = report["verification"]
+    # the verifier's own log line has every rule's numbers; this one says which rule decided, and by how much
     verdict = "verification SKIPPED" if check.get("skipped") else (
-        f"max |diff| {check['max_abs_diff']:.3g}, top-1 agreement {check['top1_agreement']:.4f}: "
-        + ("passed" if check["passed"] else "FAILED"))
+        f"verification passed by {check['decided_by']} (closest margin {check['margin']:.3g}x)" if check["passed"]
+        else f"verification FAILED by the {check['decided_by']} rule: {check['rules'][check['decided_by']]['says']}")
     log.info("merged %d tensors in %d shards in %.1f s (peak RSS %.0f MB merging, %.0f MB in all); %s",
              report["tensors_updated"], report["shards"], report["wall_seconds"], report["peak_rss_merge_mb"],
              report["peak_rss_mb"], verdict)

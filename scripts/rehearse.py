@@ -3,6 +3,7 @@
     make rehearse PHASE=1a                      # train a few dozen steps (+ a Ctrl-C and a resume), merge, validate
     make rehearse PHASE=demo                    # the demo config on a CPU (needs `make demo`'s base once)
     python scripts/rehearse.py --phase 1a --steps 40 --problems 8
+    make rehearse PHASE=1a ARGS="--card-json card.json"   # the card's numbers as JSON too
 
 Works in a hidden folder beside the real runs (`<output_root>/.rehearse-<name>-<pid>/`) and removes it at the end;
 the phase's own run folder is never touched. Prints the predicted wall time, GPU-hours and peak disk of the whole
@@ -13,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from cogumi import rehearsal
 from cogumi.core.config import load_config, phase_config_path
 from cogumi.core.errors import EXIT_FAILED, EXIT_OK, run_main
+from cogumi.core.fsutil import atomic_write_json
 
 log = logging.getLogger("rehearse")
 
@@ -26,6 +29,7 @@ def parse_args(argv):
     parser.add_argument("--phase", required=True, help="1a, 1b, demo, or a path to a phase YAML")
     parser.add_argument("--steps", type=int, default=24, help="training steps of the rehearsal (a checkpoint half-way)")
     parser.add_argument("--problems", type=int, default=4, help="validation problems per task")
+    parser.add_argument("--card-json", help="also write the card's predicted numbers (seconds, disk) to this file")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, applied to the real run too")
     return parser.parse_intermixed_args(argv)
 
@@ -45,12 +49,17 @@ def main(argv=None) -> int:
         # a few problems cannot pass the phase's n_min gates: exit 1 is the expected verdict here
         rehearsal.run_step("validate", rehearsal.VALIDATE, step_args, measured, ok=(0, 1))
         rehearsal.measure(config, measured)
-        problems = rehearsal.full_problem_counts(real, config_path, config.merged_dir)
+        prompts = rehearsal.full_problem_prompts(real, config_path, config.merged_dir)
+        # the full run decodes many rows a batch: its rate is measured at that size, not the rehearsal's few rows
+        rehearsal.probe_decoding(real, prompts, config.merged_dir, measured)
+        problems = {task: len(texts) for task, texts in prompts.items()}
         card = rehearsal.predict(real, measured, rows, tokens, args.steps, problems, rehearsal.base_size(real))
     finally:
         rehearsal.cleanup(root)
     print("\n".join(card.lines))
     log.info("predicted: %s", card.predicted)
+    if args.card_json:  # for scripts that compare the card with a real run (scripts/bench/gpu_card_check.sh)
+        atomic_write_json(Path(args.card_json), card.predicted)
     return EXIT_OK if card.predicted["total_s"] == card.predicted["total_s"] else EXIT_FAILED  # NaN: no tokens/s
 
 

@@ -12,8 +12,9 @@ from cogumi.merge.stream import MergeJob
 
 
 def make_adapter(base_dir: Path, adapter_dir: Path, *, base_name: str | None = None, seed: int = 1,
-                 model=None, **lora_kwargs) -> Path:
-    """A peft adapter on `base_dir` with random non-zero A and B, plus the manifest the trainer writes."""
+                 model=None, magnitude: float = 0.1, **lora_kwargs) -> Path:
+    """A peft adapter on `base_dir` with random non-zero A and B (standard deviation `magnitude`: how much the
+    adapter moves the logits), plus the manifest the trainer writes."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -24,7 +25,7 @@ def make_adapter(base_dir: Path, adapter_dir: Path, *, base_name: str | None = N
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_" in name:  # B starts at zero in peft: give every LoRA tensor values so the merge matters
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                param.copy_(torch.randn(param.shape, generator=generator) * magnitude)
     peft_model.peft_config["default"].base_model_name_or_path = base_name or str(base_dir)
     peft_model.save_pretrained(adapter_dir)
     write_manifest(adapter_dir, "adapter", base_model=base_name or str(base_dir), base_path=str(base_dir),

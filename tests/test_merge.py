@@ -290,6 +290,9 @@ def test_entry_script_verifies_and_reports(tiny_sharded_bf16_dir, tmp_path, run_
     check = report["verification"]
     assert check["passed"] and check["prompts"] == 2 and check["max_abs_diff"] <= check["max_abs_diff_allowed"]
     assert 0 < check["max_abs_diff"] < check["adapter_effect_max_abs"] and check["top1_agreement"] == 1.0
+    # the log says which rule decided and by what margin (B43)
+    assert "verification passed by weights" in result.stderr and "closest margin" in result.stderr, result.stderr
+    assert "weights:" in result.stderr and "ulp" in result.stderr and "noise floor" in result.stderr
     assert report["peak_rss_mb"] > 0 and report["wall_seconds"] > 0 and report["shards"] >= 3
     assert read_manifest(tmp_path / "demo_merged")["verified"] is True
     again = run_script("merge_adapter_fullprecision.py", "--phase", str(config), "--no-verify")
@@ -316,6 +319,7 @@ def test_failed_verification_exits_non_zero_and_keeps_output_aside(tiny_sharded_
     assert len(failed) == 1
     check = json.loads((failed[0] / "merge_report.json").read_text())["verification"]
     assert not check["passed"] and check["max_abs_diff"] > check["max_abs_diff_allowed"]
+    assert check["decided_by"] == "weights" and check["weights"]["failed_count"] == 14  # every module's scale
     assert read_manifest(failed[0])["verified"] is False
 
 

@@ -75,3 +75,54 @@ def test_the_card_counts_packed_rows_as_the_trainer_does(tiny_model_dir):
     rows, packed_tokens = rehearsal.data_shape(packed)
     assert packed_tokens == tokens and rows < examples / 4  # ~10 demo examples fit one 1024-token row
     assert make_plan(packed, rows, tokens).total_steps < make_plan(packed, examples, tokens).total_steps
+
+
+def _card_inputs(real, decode: dict):
+    from cogumi import rehearsal
+
+    # the H200 report of ISSUES_LOG B44: the rehearsal's 4 problems decoded at 470 tokens/s (a batch of 4); the
+    # full run decoded at batches of 164-191 at 5,581-7,025 tokens/s and took 268 s where the card said 1.01 h
+    measured = rehearsal.Measured(seconds={"train": 100.0, "merge": 30.0, "validate": 80.0},
+                                  train_tokens_per_s=5000.0)
+    measured.validation = {"math": {"prompts": 4, "generation_s": 2 * 4 * 400 / 470, "new_tokens": 2 * 4 * 400,
+                                    "sides": 2, "tokens_per_s": [470.0, 470.0]}}
+    measured.decode = {"math": decode}
+    return measured
+
+
+def test_the_card_predicts_validation_at_the_full_run_batch_size(tiny_model_dir):
+    from cogumi import rehearsal
+    from cogumi.core.config import load_config, phase_config_path
+
+    real = load_config(phase_config_path("demo"), [f"base_model={tiny_model_dir}", "validate.max_new_tokens=1024"])
+    measured = _card_inputs(real, {"batch": 164, "tokens_per_s": 6000.0})
+    card = rehearsal.predict(real, measured, rows=100, tokens=100_000, rehearsal_steps=24, full_problems={"math": 500},
+                             base_bytes=0)
+    overhead = 80.0 - 2 * 4 * 400 / 470  # loading and judging, as measured
+    # 2 models x 500 answers x 400 tokens (the rehearsal's mean) at the batch-164 rate, not 4-row seconds x 125
+    assert card.predicted["validate_s"] == pytest.approx(2 * 500 * 400 / 6000 + overhead, abs=0.1)
+    assert card.predicted["validate_s"] < 0.2 * (2 * 500 * 400 / 470)  # the old extrapolation: 10x too long
+    assert card.predicted["validate_decode"] == {"math": {"batch": 164, "tokens_per_s": 6000.0}}
+    validate_line = next(line for line in card.lines if line.lstrip().startswith("validate"))
+    assert "batch 164" in validate_line and "6,000 tokens/s" in validate_line, validate_line
+
+    # the answers' mean length never counts past max_new_tokens
+    capped = load_config(phase_config_path("demo"), [f"base_model={tiny_model_dir}", "validate.max_new_tokens=100"])
+    card = rehearsal.predict(capped, _card_inputs(capped, {"batch": 164, "tokens_per_s": 6000.0}), rows=100,
+                             tokens=100_000, rehearsal_steps=24, full_problems={"math": 500}, base_bytes=0)
+    assert card.predicted["validate_answer_tokens"] == {"math": 100}
+
+
+def test_the_decode_probe_runs_one_batch_of_the_full_run_size_on_the_real_model(tiny_model_dir):
+    from cogumi.evaluate.generate import decode_rate, load_model, unload
+
+    loaded = load_model(tiny_model_dir)  # on this CPU: batches of validate.batch_size rows
+    prompts = [f"What is {i} + {i}?" for i in range(40)]
+    try:
+        for fast in (False, True):  # the CPU path, and the static-cache path the GPU runs
+            full = decode_rate(loaded, prompts, max_new_tokens=64, batch_size=16, probe_tokens=8, fast=fast)
+            assert full["batch"] == 16 and full["new_tokens"] == 16 * 8 and full["tokens_per_s"] > 0, full
+            few = decode_rate(loaded, prompts[:4], max_new_tokens=64, batch_size=16, probe_tokens=8, fast=fast)
+            assert few["batch"] == 4 and few["new_tokens"] == 4 * 8, few  # never more rows than prompts
+    finally:
+        unload(loaded)

@@ -4,7 +4,9 @@ Train a few dozen steps in a hidden folder beside the real runs (`<output_root>/
 with Ctrl-C after its first checkpoint and started again with the same command (the automatic resume), merge with
 verification, validate a few problems per task; then predict the whole phase from what was measured: training
 from the data's tokens and the measured real tokens/s, the merge as measured (same base, same size), validation
-from the measured seconds per problem. The folder is removed at the end, whatever happened; the phase's own run
+from the rehearsal answers' mean length and the decode rate of one short batch at the size the full run decodes
+at (a few problems decode at a batch of a few rows, many times slower per token: ISSUES_LOG B44), plus loading and
+judging as measured. The folder is removed at the end, whatever happened; the phase's own run
 folder is never touched. Each step runs the real entry script in its own process, as `make` would.
 """
 
@@ -37,7 +39,8 @@ class Measured:
     train_tokens_per_s: float = 0.0
     checkpoint_bytes: int = 0
     merged_bytes: int = 0
-    validation: dict = field(default_factory=dict)  # task -> {"prompts", "generation_s"} (both models)
+    validation: dict = field(default_factory=dict)  # task -> {"prompts", "generation_s", "new_tokens", "sides"}
+    decode: dict = field(default_factory=dict)  # task -> generate.decode_rate at the full run's batch size
 
 
 def rehearsal_root(config: PhaseConfig) -> Path:
@@ -91,7 +94,26 @@ def measure(config: PhaseConfig, measured: Measured) -> None:
     for task, row in report["tasks"].items():
         sides = [s for s in (row.get("generation") or {}).values() if s]
         measured.validation[task] = {"prompts": row["n"], "generation_s": sum(s["wall_s"] for s in sides),
-                                     "tokens_per_s": [s["tokens_per_s"] for s in sides]}
+                                     "tokens_per_s": [s["tokens_per_s"] for s in sides],
+                                     "new_tokens": sum(s["new_tokens"] for s in sides), "sides": len(sides)}
+
+
+def probe_decoding(real: PhaseConfig, prompts: dict, merged_dir: Path, measured: Measured) -> None:
+    """One short batch per task at the batch size the full validation will decode its prompts at, with the
+    rehearsal's merged model (the same architecture and size as the real one)."""
+    from cogumi.evaluate.generate import decode_rate, load_model, unload
+
+    print("\n[rehearse] ===== decode rate at the full run's batch size", flush=True)
+    started = time.perf_counter()
+    loaded = load_model(merged_dir)
+    try:
+        for task, texts in prompts.items():
+            measured.decode[task] = decode_rate(loaded, texts, max_new_tokens=real.validate.max_new_tokens,
+                                                batch_size=real.validate.batch_size)
+            print(f"[rehearse] {task}: {measured.decode[task]}", flush=True)
+    finally:
+        unload(loaded)
+        measured.seconds["decode_probe"] = time.perf_counter() - started
 
 
 @dataclass
@@ -115,8 +137,13 @@ def predict(real: PhaseConfig, measured: Measured, rows: int, tokens: int, rehea
     fixed_s = max(0.0, (measured.seconds["train"] - rehearsal_steps * tokens_per_step / tps) / 2) if tps else 0.0
     train_s = train_tokens / tps + fixed_s if tps else float("nan")
     merge_s = measured.seconds.get("merge", 0.0)  # the same base, the same size: the whole process as measured
-    generation_s = sum(v["generation_s"] / max(1, v["prompts"]) * full_problems[t]
+    # per task: answers x their mean length (as the rehearsal's answers ran, never past max_new_tokens) at the
+    # decode rate of the full run's batch size; the rehearsal's own tokens/s (a batch of a few rows) is not used
+    answer_tokens = {t: min(v["new_tokens"] / max(1, v["prompts"] * v["sides"]), real.validate.max_new_tokens)
+                     for t, v in measured.validation.items()}
+    generation_s = sum(v["sides"] * full_problems[t] * answer_tokens[t] / measured.decode[t]["tokens_per_s"]
                        for t, v in measured.validation.items())
+    # loading the models and judging the answers, as measured: the rehearsal's validate step less its decoding
     overhead_s = measured.seconds["validate"] - sum(v["generation_s"] for v in measured.validation.values())
     validate_s = generation_s + max(0.0, overhead_s)
     total_s = train_s + merge_s + validate_s
@@ -125,14 +152,21 @@ def predict(real: PhaseConfig, measured: Measured, rows: int, tokens: int, rehea
                  "validate_s": round(validate_s, 1), "total_s": round(total_s, 1),
                  "gpu_hours": round(total_s / 3600, 3), "peak_disk_bytes": peak_disk,
                  "train_steps": plan.total_steps, "train_tokens": round(train_tokens),
-                 "train_tokens_per_s": round(tps, 1), "problems": full_problems}
+                 "train_tokens_per_s": round(tps, 1), "problems": full_problems,
+                 "validate_generation_s": round(generation_s, 1), "validate_overhead_s": round(max(0.0, overhead_s), 1),
+                 "validate_answer_tokens": {t: round(n, 1) for t, n in answer_tokens.items()},
+                 "validate_decode": {t: {"batch": d["batch"], "tokens_per_s": d["tokens_per_s"]}
+                                     for t, d in measured.decode.items()}}
+    sides = max((v["sides"] for v in measured.validation.values()), default=0)
+    rates = ", ".join(f"{t} {answer_tokens[t]:.0f} tokens/answer at {d['tokens_per_s']:,.0f} tokens/s (batch "
+                      f"{d['batch']})" for t, d in measured.decode.items())
     lines = [
         f"== run card: {real.name} (predicted from this rehearsal on this machine) ==",
         f"  train     {_hours(train_s)}  {plan.total_steps} steps, {train_tokens / 1e6:.1f} M tokens at "
         f"{tps:,.0f} tokens/s (measured), + {fixed_s:.0f} s to start and finish",
         f"  merge     {_hours(merge_s)}  as measured, with verification",
-        f"  validate  {_hours(validate_s)}  {sum(full_problems.values())} problems x 2 models at the measured "
-        f"seconds per problem, plus loading and judging as measured",
+        f"  validate  {_hours(validate_s)}  {sum(full_problems.values())} problems x {sides} models: {rates}, "
+        f"measured at the full run's batch size; + {max(0.0, overhead_s):.0f} s loading and judging as measured",
         f"  total     {_hours(total_s)}  = {total_s / 3600:.2f} GPU-hours on one GPU",
         f"  peak disk {human_bytes(peak_disk)}  (base {human_bytes(base_bytes)} + {real.checkpoints.keep_last + 1} "
         f"checkpoints x {human_bytes(measured.checkpoint_bytes)} + merged {human_bytes(measured.merged_bytes)})",
@@ -160,15 +194,16 @@ def data_shape(real: PhaseConfig) -> tuple[int, int]:
     return len(encoded.items), encoded.stats.tokens
 
 
-def full_problem_counts(real: PhaseConfig, config_path: str, candidate: Path) -> dict:
-    """Problems per task of the real validation (no limit), resolved as `make validate` resolves them."""
+def full_problem_prompts(real: PhaseConfig, config_path: str, candidate: Path) -> dict:
+    """Prompts per task of the real validation (no limit), resolved as `make validate` resolves them."""
     from argparse import Namespace
 
     from cogumi.evaluate import validate
 
     args = Namespace(candidate=str(candidate), baseline=None, limit=None, phase=real.name)
     plan = validate.build_plan(real, args, config_path)
-    return {t: len(p) for t, p in validate.build_problems(plan, real.validate.seed).items()}
+    problems = validate.build_problems(plan, real.validate.seed)
+    return {task: [p.prompt for p in items] for task, items in problems.items()}
 
 
 def base_size(real: PhaseConfig) -> int:

@@ -194,6 +194,65 @@ def _generate_fast(loaded: LoadedModel, ids: list, order: list[int], max_new_tok
                       setup_s=decoder.capture_s - setup_before, capped=capped)
 
 
+def full_run_batch(loaded: LoadedModel, ids: list, max_new_tokens: int, batch_size: int) -> tuple[int, int]:
+    """(rows per batch, cache length) that generate() decodes `ids` with: on a GPU as many rows as the free memory
+    holds at the run's cache length, on a CPU `batch_size`; never more than there are prompts."""
+    from cogumi.evaluate import fastdecode
+
+    max_len = fastdecode.run_length([len(x) for x in ids], max_new_tokens)
+    if not loaded.device.startswith("cuda"):
+        return max(1, min(batch_size, len(ids))), max_len
+    longest = max(len(x) for x in ids)
+    return max(1, min(len(ids), fastdecode.batch_size_for_memory(loaded.model, max_len, longest, loaded.device,
+                                                                 len(ids)))), max_len
+
+
+def decode_rate(loaded: LoadedModel, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+                probe_tokens: int = 32, fast: bool | None = None) -> dict:
+    """Tokens/s of one short batch at the size a full generate() over `prompts` decodes at (ISSUES_LOG B44): the
+    first batch's rows (the longest prompts), `probe_tokens` tokens each with no row stopping early, in the run's
+    cache length on a GPU. A rehearsal's few prompts decode at a batch of a few rows: 10x slower per token than a
+    full run's batch of 160+ on an H200, so its tokens/s says nothing about the full run. `fast`: as generate()."""
+    import torch
+
+    from cogumi.evaluate import fastdecode, gqa_attention
+
+    tok = loaded.tokenizer
+    chats = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    ids = tok(chats, add_special_tokens=False)["input_ids"]
+    batch, max_len = full_run_batch(loaded, ids, max_new_tokens, batch_size)
+    rows = sorted(ids, key=len, reverse=True)[:batch]
+    enc = tok.pad({"input_ids": rows}, return_tensors="pt")
+    on_gpu = loaded.device.startswith("cuda")
+    if on_gpu if fast is None else fast:
+        if not loaded.decoders:
+            gqa_attention.install(loaded.model)
+        _free_decoders(loaded)
+        decoder = loaded.decoders.setdefault((batch, max_len), fastdecode.Decoder(batch=batch, max_len=max_len))
+        args = (enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device))
+        never = [-1]  # a stop id no token has: every row decodes all probe_tokens
+        fastdecode.decode_batch(loaded.model, decoder, *args, 2, never)  # records the graph: setup, not decoding
+        if on_gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        answers = fastdecode.decode_batch(loaded.model, decoder, *args, probe_tokens, never)
+        if on_gpu:
+            torch.cuda.synchronize()
+        new_tokens = sum(len(a) for a in answers)
+    else:
+        enc = {k: v.to(loaded.device) for k, v in enc.items()}
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = loaded.model.generate(**enc, max_new_tokens=probe_tokens, min_new_tokens=probe_tokens,
+                                        do_sample=False, eos_token_id=loaded.stop_ids, pad_token_id=tok.pad_token_id,
+                                        temperature=None, top_p=None, top_k=None)
+        new_tokens = int(out[:, enc["input_ids"].shape[1]:].numel())
+    wall = time.perf_counter() - t0
+    return {"batch": batch, "cache_len": max_len, "new_tokens": new_tokens, "wall_s": round(wall, 3),
+            "tokens_per_s": round(new_tokens / wall, 2) if wall > 0 else 0.0, "prompts": len(prompts)}
+
+
 def _free_decoders(loaded: LoadedModel) -> None:
     import gc
 

@@ -1,12 +1,22 @@
-"""Merge verification: logits of base + adapter through peft against the merged model, on a few fixed prompts.
+"""Merge verification against measured noise floors, not a guessed tolerance.
 
-Both sides run in float32 on one device (the GPU when there is one), so the only difference left is what the
-merge did: the single rounding of W + delta to the base dtype. Forward-pass rounding noise of a bf16 run would
-otherwise need a loose tolerance that a wrong scale or a missing module could hide under.
+Two rules, both measured on this merge:
+- weights: every merged weight of a LoRA layer must be one rounding of W + scale * B @ A, computed here in float32
+  through peft's own layer (get_delta_weight, independent of the merge's plan): within 1 ulp of the base dtype,
+  plus the float32 summation's own error bound. Rounding cannot exceed it; a wrong scale, a transposed delta, a
+  dropped module or a base that was 4-bit rounded on the way exceeds it by orders of magnitude.
+- logits: structure the weight check cannot see (a tensor missing from the folder, a config that wires it
+  differently). Base + adapter through peft and the merged model run in float32 on a few fixed prompts; the
+  allowed max |difference| is NOISE_FACTOR x what running the same UNMERGED base + adapter in the base dtype does
+  against float32 on those prompts: the difference every bf16 user of the adapter already accepts. A guessed rule
+  (1 % x sqrt(layers) x the largest logit, ISSUES_LOG B29) failed a correct merge whose adapter moved the logits by
+  their whole scale (B43): it could not tell rounding from corruption.
+Top-1 agreement is checked beside them. The report and the log line say which rule decided, and by what margin.
 
-Memory: the two models are never resident together. Base + adapter is loaded, run and freed (its logits kept,
-a few MB) before the merged model loads, so the peak is one float32 model: 4 bytes a parameter, about 32 GB for
-an 8B, on the GPU when there is one. That is why `--no-verify` exists for machines that cannot hold it.
+Memory: the two models are never resident together. Base + adapter is loaded, run (float32, the weight check, then
+the base dtype) and freed (its logits kept, a few MB) before the merged model loads, so the peak is one float32
+model: 4 bytes a parameter, about 32 GB for an 8B, on the GPU when there is one (plus one weight tensor's working
+set for the weight check). That is why `--no-verify` exists for machines that cannot hold it.
 Weights are read with plain file reads through one small buffer per shard and widened on the device: an mmap'd
 load (from_pretrained) kept a whole 5 GB shard resident in the process while it was copied to the GPU.
 """
@@ -15,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -36,59 +45,111 @@ PROMPTS = [
     "List three primary colors.",
     "Translate 'good morning' into Spanish.",
 ]
-# Default allowed max |logit difference|, as a fraction of the largest reference logit per sqrt(layer), by base
-# dtype. The one rounding of W + delta per merged weight adds noise in every layer, so it grows with depth like a
-# random walk: measured 0.2-0.8 % on 2-layer models and 3.05 % on the 32-layer 8B shape (where the former flat 3 %
-# failed a correct merge: ISSUES_LOG B29). bf16: 1 % x sqrt(layers) = 1.4 % at 2 layers, 5.7 % at 32; a wrong
-# scale, a transposed delta or a dropped module moves logits by the adapter's whole effect (79 % of the scale on
-# that 8B bench), and top-1 agreement at decisive positions is checked beside it.
-DEFAULT_RELATIVE_TOLERANCE = {"F32": 1e-5, "BF16": 0.01, "F16": 0.002}
+# The logit tolerance: this many times the base-dtype noise floor. The merged model (float32 compute, one rounding
+# per changed weight) is noisier than nothing but quieter than the base-dtype run, which also rounds every
+# activation, the LoRA path and the residual stream; a structural error moves logits by the adapter's effect.
+NOISE_FACTOR = 2.0
+# A float32 base has no lower-precision run to measure: its merge differs from peft by float32 summation order only.
+FLOAT32_RELATIVE_FLOOR = 1e-5
+WEIGHT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+PRECISION_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}  # significand bits, implicit one included
 READ_CHUNK = 64 << 20  # bytes read and copied to the device at a time, per shard
 
 
 def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, *, prompts: int = 4,
                  max_abs_diff: float | None = None, min_top1: float = 0.99, dtype: str = "BF16") -> dict:
-    """Compare the two models' logits; returns the record written into merge_report.json."""
+    """Check the merged weights and compare the two models' logits; returns the record for merge_report.json."""
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inputs = encode_prompts(merged_dir, prompts)
     loaded = time.perf_counter()
-    reference, plain = _run(lambda: _load_with_adapter(base_dir, adapter_dir, device), inputs, device,
-                            without_adapter=True)
+    ref = _run_reference(base_dir, adapter_dir, merged_dir, inputs, device, noise_dtype(dtype))
     between = time.perf_counter()
     merged = _run(lambda: load_model_float32(merged_dir, device), inputs, device)
     stages = {"tokenizer": loaded - started, "base_with_adapter": between - loaded,
-              "merged": time.perf_counter() - between}
-    scale = max(float(r.abs().max()) for r in reference)
-    tolerance = max_abs_diff if max_abs_diff is not None else default_tolerance(dtype, scale, num_layers(merged_dir))
-    result = compare_logits(reference, merged, tolerance)
-    effect = max(float((r - p).abs().max()) for r, p in zip(reference, plain, strict=True))
+              "merged": time.perf_counter() - between, "weight_check": ref["weights"]["seconds"]}
+    scale = max(float(r.abs().max()) for r in ref["logits"])
+    noise = max_diff(ref["logits"], ref["noisy"]) if ref["noisy"] else 0.0
+    if max_abs_diff is not None:
+        tolerance, source = max_abs_diff, "merge.max_abs_diff (fixed in the config)"
+    else:
+        tolerance, source = logit_tolerance(noise, scale)
+    result = compare_logits(ref["logits"], merged, tolerance)
+    effect = max_diff(ref["logits"], ref["plain"])
     result.update(prompts=len(inputs), device=str(device), compute_dtype="float32", max_abs_diff_allowed=tolerance,
-                  min_top1_agreement=min_top1, reference_logit_max=scale, adapter_effect_max_abs=effect,
+                  tolerance_source=source, noise_dtype=str(ref["noise_dtype"]).replace("torch.", ""),
+                  noise_floor_max_abs=noise, noise_factor=NOISE_FACTOR, min_top1_agreement=min_top1,
+                  reference_logit_max=scale, adapter_effect_max_abs=effect, weights=ref["weights"],
                   seconds=round(time.perf_counter() - started, 3), skipped=False,
                   seconds_by_stage={k: round(v, 3) for k, v in stages.items()})  # each model: load + forward
-    result["passed"] = result["max_abs_diff"] <= tolerance and result["top1_agreement"] >= min_top1
+    result.update(decide(result))
     if effect <= tolerance:
-        result["warning"] = "the adapter changes the logits by less than the tolerance: this check cannot see it"
+        result["warning"] = ("the adapter changes the logits by less than the tolerance: the logit rule cannot see "
+                             "it, the weight rule decides")
         log.warning("verify: %s (effect %.3g, tolerance %.3g)", result["warning"], effect, tolerance)
-    log.info("verify: max |diff| %.3g (allowed %.3g; the adapter itself moves logits by %.3g), top-1 agreement "
-             "%.4f (min %.2f) on %d prompts: %s", result["max_abs_diff"], tolerance, effect,
-             result["top1_agreement"], min_top1, len(inputs), "passed" if result["passed"] else "FAILED")
+    log.info("verify: %s", result["summary"])
     return result
 
 
-def default_tolerance(dtype: str, logit_scale: float, layers: int = 2) -> float:
-    # a mixed-dtype base is held to its loosest dtype; float32 has no rounding noise to grow with depth
-    fraction = max(DEFAULT_RELATIVE_TOLERANCE.get(d, DEFAULT_RELATIVE_TOLERANCE["BF16"]) for d in dtype.split(","))
-    depth = 1.0 if dtype == "F32" else math.sqrt(max(1, layers))
-    return max(fraction * depth * logit_scale, 1e-5)
+def decide(result: dict) -> dict:
+    """Each rule's verdict and margin; the merge passes when no deciding rule failed. `decided_by`: the rule that
+    failed (what to look at), or the rules that passed; `margin`: the smallest allowed/measured ratio among them."""
+    weights, effect, allowed = result["weights"], result["adapter_effect_max_abs"], result["max_abs_diff_allowed"]
+    off = f"; {weights['failed_count']} tensors off, e.g. {weights['failed_tensors'][:2]}" if (
+        weights["failed_count"]) else ""
+    gone = f"; missing from the folder: {weights['missing_tensors'][:2]}" if weights["missing_tensors"] else ""
+    rules = {
+        "weights": {"passed": weights["passed"], "decides": True,
+                    "measured": weights["max_error_allowed_fraction"], "allowed": 1.0,
+                    "says": f"{weights['tensors']} LoRA-layer weights against one rounding of W + scale*B@A: worst "
+                            f"{weights['max_error_ulps']:.3g} ulp, {weights['max_error_allowed_fraction']:.3g} of "
+                            f"the allowed (1 ulp + float32 summation bound) in {weights['worst_tensor']}{off}{gone}"},
+        # blind when the adapter itself moves logits by no more than the tolerance: the base dtype's own noise is
+        # then as large as the adapter, and the difference says nothing either way (the weight rule still decides)
+        "logits": {"passed": result["max_abs_diff"] <= allowed, "decides": effect > allowed,
+                   "measured": result["max_abs_diff"], "allowed": allowed,
+                   "says": f"max |logit diff| {result['max_abs_diff']:.3g} (allowed {allowed:.3g} = "
+                           f"{result['tolerance_source']}; the adapter itself moves logits by {effect:.3g})"},
+        "top1": {"passed": result["top1_agreement"] >= result["min_top1_agreement"], "decides": True,
+                 "measured": result["top1_agreement"], "allowed": result["min_top1_agreement"],
+                 "says": f"top-1 agreement {result['top1_agreement']:.4f} (min {result['min_top1_agreement']:.2f}) "
+                         f"on {result['decisive_positions']} decisive positions of {result['prompts']} prompts"},
+    }
+    for name, rule in rules.items():
+        measured = rule["measured"]
+        # top-1 is a fraction: its margin is how far above the minimum; the others allowed / measured
+        # (a tiny floor, not infinity, for an exact match: the report stays plain JSON)
+        rule["margin"] = measured - rule["allowed"] if name == "top1" else rule["allowed"] / max(measured, 1e-30)
+    failed = [name for name, rule in rules.items() if rule["decides"] and not rule["passed"]]
+    deciding = [name for name, rule in rules.items() if rule["decides"]]
+    ratios = {n: rules[n]["margin"] for n in deciding if n != "top1"}
+    closest = min(ratios, key=ratios.get)
+    if failed:
+        verdict = f"FAILED by the {failed[0]} rule"
+    else:
+        verdict = f"passed by {', '.join(deciding)}; closest: {closest}, allowed/measured {ratios[closest]:.3g}x"
+    states = {n: "ok" if r["passed"] else "FAILED" if r["decides"] else "over, but blind here"
+              for n, r in rules.items()}
+    summary = "; ".join(f"{n}: {r['says']}: {states[n]}" for n, r in rules.items())
+    return {"passed": not failed, "rules": rules, "decided_by": failed[0] if failed else "+".join(deciding),
+            "margin": ratios[closest], "summary": f"{summary}. {verdict}"}
 
 
-def num_layers(model_dir: Path) -> int:
-    import json
+def noise_dtype(dtype: str) -> torch.dtype:
+    """The dtype a user runs this base in: a mixed-dtype base is held to its lowest precision."""
+    kinds = set(dtype.split(","))
+    return next((WEIGHT_DTYPES[k] for k in ("BF16", "F16") if k in kinds), torch.float32)
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return int(config.get("num_hidden_layers") or 1)
+
+def logit_tolerance(noise: float, logit_scale: float) -> tuple[float, str]:
+    floor = FLOAT32_RELATIVE_FLOOR * logit_scale
+    if NOISE_FACTOR * noise >= floor:
+        return NOISE_FACTOR * noise, f"{NOISE_FACTOR:g} x the base-dtype noise floor {noise:.3g}"
+    return max(floor, 1e-6), f"float32 floor {FLOAT32_RELATIVE_FLOOR:g} x the largest logit"
+
+
+def max_diff(left: list[torch.Tensor], right: list[torch.Tensor]) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(left, right, strict=True))
 
 
 def encode_prompts(model_dir: Path, count: int) -> list[torch.Tensor]:
@@ -110,19 +171,124 @@ def encode_prompts(model_dir: Path, count: int) -> list[torch.Tensor]:
     return encoded
 
 
-def _run(load, inputs: list[torch.Tensor], device: torch.device, *, without_adapter: bool = False):
-    """Logits of each prompt (and, for the peft model, of the same model with its adapter disabled)."""
+def _run(load, inputs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Logits of each prompt (float32, on the CPU); the model is freed before the next one loads."""
     model = load()
-    with torch.no_grad():
-        logits = [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in inputs]
-        if without_adapter:
-            with model.disable_adapter():
-                plain = [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in inputs]
+    logits = _logits(model, inputs, device)
     del model  # freed before the other model loads: one model resident at a time
+    _free(device)
+    return logits
+
+
+def _run_reference(base_dir: Path, adapter_dir: Path, merged_dir: Path, inputs: list[torch.Tensor],
+                   device: torch.device, run_dtype: torch.dtype) -> dict:
+    """Base + adapter through peft: its float32 logits, the same with the adapter disabled, the weight check, and
+    then (the model converted in place) its logits in the base dtype: the noise floor."""
+    model = _load_with_adapter(base_dir, adapter_dir, device)
+    out = {"logits": _logits(model, inputs, device), "noise_dtype": run_dtype, "noisy": []}
+    with model.disable_adapter():
+        out["plain"] = _logits(model, inputs, device)
+    out["weights"] = check_weights(model, merged_dir, device)
+    if run_dtype != torch.float32:
+        # the base weights convert exactly (they are stored in this dtype); the LoRA path rounds, as for any user
+        out["noisy"] = _logits(model.to(run_dtype), inputs, device)
+    del model
+    _free(device)
+    return out
+
+
+def _logits(model, inputs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(input_ids=ids.to(device)).logits[0].float().cpu() for ids in inputs]
+
+
+def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return (logits, plain) if without_adapter else logits
+
+
+def check_weights(peft_model, merged_dir: Path, device: torch.device) -> dict:
+    """Every LoRA layer's merged weight against W + delta from peft's own layer, one tensor at a time.
+
+    Allowed per element: 1 ulp of the stored dtype at the expected value (one rounding is at most half of it; a
+    different float32 summation order can move a value that sits near a rounding boundary across it), plus twice
+    the float32 error bound of W + sum over the rank of |B||A| (the merge's sum and this one's)."""
+    from peft.tuners.lora import LoraLayer
+
+    from cogumi.merge.inputs import scan_base
+    from cogumi.merge.write import read_tensor
+
+    started = time.perf_counter()
+    located = {name: shard for shard in scan_base(merged_dir) for name in shard.entries}
+    handles: dict[Path, object] = {}
+    worst = {"fraction": 0.0, "ulps": 0.0, "tensor": None}
+    tensors, missing, failed = 0, [], []
+    try:
+        for module_name, layer in peft_model.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            key = module_name.removeprefix("base_model.model.") + ".weight"
+            shard = located.get(key)
+            if shard is None:
+                missing.append(key)
+                continue
+            src = handles.get(shard.path) or handles.setdefault(shard.path, open(shard.path, "rb"))
+            stored = read_tensor(src, shard, key)
+            fraction, ulps = _weight_error(layer, stored.to(device=device), device)
+            tensors += 1
+            if fraction > worst["fraction"] or worst["tensor"] is None:
+                worst = {"fraction": fraction, "ulps": ulps, "tensor": key}
+            if fraction > 1.0:
+                failed.append(key)
+    finally:
+        for fh in handles.values():
+            fh.close()
+    passed = not missing and not failed and tensors > 0
+    return {"passed": passed, "tensors": tensors, "max_error_allowed_fraction": worst["fraction"],
+            "max_error_ulps": worst["ulps"], "worst_tensor": worst["tensor"], "failed_tensors": failed[:10],
+            "failed_count": len(failed), "missing_tensors": missing[:10],
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _weight_error(layer, stored: torch.Tensor, device: torch.device) -> tuple[float, float]:
+    """(max of |merged - expected| / allowed, max of |merged - expected| in ulps of the stored dtype)."""
+    adapters = [a for a in layer.active_adapters if a in layer.scaling]
+    with torch.no_grad():
+        base = layer.get_base_layer().weight.detach().to(device=device, dtype=torch.float32)
+        expected = base.clone()
+        for name in adapters:
+            expected += layer.get_delta_weight(name).float()
+        bound = base.abs() + _abs_delta(layer, adapters)
+        rank = sum(int(layer.r[a]) for a in adapters)
+        error = (stored.float() - expected).abs()
+        ulp = ulp_of(expected, stored.dtype)
+        allowed = ulp + 2 * (rank + 2) * torch.finfo(torch.float32).eps * bound
+        error = torch.nan_to_num(error, nan=float("inf"))
+        return float((error / allowed).max()), float((error / ulp).max())
+
+
+def _abs_delta(layer, adapters: list[str]) -> torch.Tensor:
+    """scale * |B| @ |A| (in the layer's own layout): peft's get_delta_weight on the absolute values, restored after."""
+    params = [p for n, p in layer.named_parameters() if "lora_" in n and any(f".{a}" in f".{n}" for a in adapters)]
+    saved = [p.detach().clone() for p in params]
+    try:
+        for p in params:
+            p.data.abs_()
+        return sum(layer.get_delta_weight(a).float().abs() for a in adapters)
+    finally:
+        for p, value in zip(params, saved, strict=True):
+            p.data.copy_(value)
+
+
+def ulp_of(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The spacing of `dtype` at each value (float32): 2**(e - p) for |x| in [2**(e-1), 2**e), p significand bits."""
+    dtype = dtype if dtype in PRECISION_BITS else torch.float32  # a float64 base is checked at float32's precision
+    bits = PRECISION_BITS[dtype]
+    _, exponent = torch.frexp(values)
+    spacing = torch.ldexp(torch.ones_like(values), exponent - bits)
+    smallest = torch.finfo(dtype).smallest_normal * 2.0 ** (1 - bits)  # the subnormal spacing (and at zero)
+    return torch.where(values == 0, smallest, spacing.clamp_min(smallest))
 
 
 def load_model_float32(model_dir: Path, device: torch.device):

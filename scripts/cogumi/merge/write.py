@@ -120,7 +120,7 @@ def _write_shard(shard: Shard, out_path: Path, updates: dict, adapter: Adapter, 
                     _copy_bytes(src, writer, start, stop_at - start)
                 else:
                     t0 = time.perf_counter()
-                    weight = _read_tensor(src, shard, name)
+                    weight = read_tensor(src, shard, name)
                     t1 = time.perf_counter()
                     merged = merged_tensor(weight, update, tensors, device)
                     writer.seconds["read"] += t1 - t0
@@ -214,7 +214,7 @@ def _copy_bytes(src, writer: _HashingWriter, offset: int, length: int) -> None:
         length -= len(chunk)
 
 
-def _read_tensor(src, shard: Shard, name: str) -> torch.Tensor:
+def read_tensor(src, shard: Shard, name: str) -> torch.Tensor:
     info = shard.entries[name]
     if info["dtype"] not in DTYPES:
         raise UserError(f"{shard.path.name}: LoRA target '{name}' is stored as {info['dtype']}, not a float",
