@@ -19,6 +19,8 @@ LIGER = ("auto", "on", "off")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MIN_SEQ_LEN = 16
+DATA_FORMATS = ("auto", "messages", "prompt_response", "sharegpt", "alpaca")
+MAX_EVAL_FRACTION = 0.5
 
 
 def _refuse(key: str, value, rule: str, example: str, source: str):
@@ -65,6 +67,14 @@ def check_values(config, source: str) -> None:
     _range("train.max_steps", t.max_steps, 1, None, source, "50 (or null: from epochs)")
     _range("train.log_every", t.log_every, 1, None, source, "10")
     _range("data.max_seq_len", d.max_seq_len, MIN_SEQ_LEN, None, source, "2048")
+    _enum("data.format", d.format, DATA_FORMATS, source)
+    _range("data.eval_fraction", d.eval_fraction, 0, MAX_EVAL_FRACTION, source, "0.02", high_open=True)
+    if d.eval_path is not None and d.eval_fraction > 0:
+        raise UserError("data.eval_path and data.eval_fraction both name a held-out set", where=f"{source}: data",
+                        fix="keep one: data.eval_fraction=0 to evaluate on eval_path, or data.eval_path=null")
+    if d.eval_path is not None and not str(d.eval_path).strip():
+        _refuse("data.eval_path", d.eval_path, "a file path or null", "data/phase1a/eval.jsonl", source)
+    _range("train.eval_every", t.eval_every, 1, None, source, "500 (or null: at every checkpoint save)")
     _range("lora.dropout", lo.dropout, 0, 1, source, "0.0", high_open=True)
     _range("lora.alpha", lo.alpha, 0, None, source, "32", low_open=True)
     targets = lo.target_modules

@@ -86,7 +86,8 @@ def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | Non
     lines = [
         f"== {config.name}: training done ==",
         f"  steps        {result.steps}" + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""),
-        f"  final loss   {loss}",
+        f"  final loss   {loss}" + (f"   eval_loss {result.eval_loss:.4f} (held out, step {result.eval_step})"
+                                         if result.eval_loss is not None else "   eval_loss n/a (no held-out set)"),
         f"  tokens/s     {tps} real (non-pad)   MFU {mfu}   padding {padding}",
         f"  memory       peak {result.peak_mem_gib:.2f} GiB   wall {result.seconds:.0f} s",
         f"  adapter      {adapter}",

@@ -1,0 +1,124 @@
+"""The held-out loss: a seeded split never trained on, eval_loss logged/plotted/summarised, exact across a resume,
+checked config keys, and checkpoints saved before these keys existed still resume."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from train_helpers import run_dir, write_config
+
+from cogumi.core.config import DataConfig, load_config
+from cogumi.core.errors import UserError
+from cogumi.train.data import encode_data, read_data
+from cogumi.train.trainer import training_hash, training_settings
+from cogumi.train.trainlog import read_log
+
+train_main = pytest.importorskip("train_phase1a_fullprecision").main
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# 12 rows: a quarter (3) held out leaves 9, two optimizer steps of 4 per epoch.
+EVAL = {"data": {"eval_fraction": 0.25},
+        "train": {"max_steps": 6, "micro_batch_size": 4, "log_every": 1, "eval_every": 2},
+        "checkpoints": {"save_steps": 2, "keep_last": 3}}
+
+
+def _evals(folder) -> dict[int, float]:
+    return {r["step"]: r["eval_loss"] for r in read_log(folder / "train_log.jsonl") if "eval_loss" in r}
+
+
+def test_the_held_out_split_is_seeded_disjoint_and_taken_before_packing(tiny_model_dir, memorised_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = DataConfig(train_path=str(memorised_data), max_seq_len=64, packing=True, eval_fraction=0.25)
+    rows = read_data(cfg)
+    whole = encode_data(DataConfig(train_path=str(memorised_data), max_seq_len=64, packing=False), rows, tokenizer,
+                        seed=0)
+    split = encode_data(cfg, rows, tokenizer, seed=0)
+    key = lambda ex: tuple(ex.input_ids)  # noqa: E731
+    trained = {key(ex) for row in split.items for ex in row}
+    held = {key(ex) for row in split.held_out for ex in row}
+    assert len(held) == 3 and len(trained) == 9 and not trained & held  # never trained on
+    assert trained | held == {key(ex) for ex in whole.items}
+    assert split.stats.held_out == 3 and split.stats.examples == 9
+    assert split.stats.tokens == sum(len(ex.input_ids) for ex in whole.items) - split.held_out_tokens
+    again = encode_data(cfg, rows, tokenizer, seed=123)  # train.seed does not move the split
+    assert {key(ex) for row in again.held_out for ex in row} == held
+
+
+def test_eval_loss_is_logged_plotted_summarised_and_exact_across_a_resume(tmp_path, tiny_base, memorised_data, env,
+                                                                          capsys):
+    cfg = write_config(tmp_path, tiny_base, memorised_data, **EVAL)
+    assert train_main(["--phase", str(cfg)]) == 0
+    out = run_dir(cfg)
+    straight = _evals(out)
+    assert sorted(straight) == [2, 4, 6] and all(0 < v < 20 for v in straight.values())
+    rows = [r for r in read_log(out / "train_log.jsonl") if "eval_loss" in r]
+    assert all(r["eval_tokens"] > 0 and r["eval_s"] >= 0 for r in rows)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert f"eval_loss {straight[6]:.4f} (held out, step 6)" in capsys.readouterr().out
+
+    # Back to checkpoint-4, as after a stop there: the resumed run's evals are the uninterrupted run's numbers.
+    shutil.rmtree(out / "adapter")
+    shutil.rmtree(out / "checkpoint-6")
+    assert train_main(["--phase", str(cfg), "train.eval_every=1"]) == 0  # eval_every is not a training setting
+    resumed = _evals(out)
+    assert resumed[4] == straight[4] and resumed[6] == pytest.approx(straight[6], abs=1e-6)
+    assert sorted(resumed) == [2, 4, 5, 6]  # the log was cut back to step 4, then each step logged once
+    assert [r["step"] for r in read_log(out / "train_log.jsonl") if "loss" in r] == list(range(1, 7))
+
+
+def test_a_held_out_share_added_to_a_run_is_a_changed_setting_not_a_silent_resume(tmp_path, tiny_base,
+                                                                                  memorised_data, env):
+    cfg = write_config(tmp_path, tiny_base, memorised_data, train={"max_steps": 2})
+    assert train_main(["--phase", str(cfg)]) == 0
+    shutil.rmtree(run_dir(cfg) / "adapter")
+    with pytest.raises(UserError, match="different training settings") as err:
+        train_main(["--phase", str(cfg), "data.eval_fraction=0.25"])
+    assert "data.eval_fraction: None -> 0.25" in err.value.what
+    # a file of its own takes nothing from the training data: the same checkpoint resumes
+    assert train_main(["--phase", str(cfg), f"data.eval_path={memorised_data}"]) == 0
+
+
+def test_checkpoints_saved_before_the_new_keys_still_resume(tmp_path, tiny_base, memorised_data):
+    """At their defaults the new keys are not part of what a checkpoint records, so its hash is unchanged."""
+    cfg = load_config(write_config(tmp_path, tiny_base, memorised_data))
+    settings = training_settings(cfg)
+    assert set(settings["data"]) == {"train_path", "hub_split", "max_seq_len", "packing", "shuffle_seed"}
+    assert "eval_every" not in settings["train"]
+    # a held-out file of its own and the eval interval do not change what is trained
+    assert training_hash(load_config(write_config(tmp_path, tiny_base, memorised_data),
+                                     ["data.eval_path=x.jsonl", "train.eval_every=7"])) == training_hash(cfg)
+    # an explicit row format may read rows differently from auto: a training setting
+    assert training_hash(load_config(write_config(tmp_path, tiny_base, memorised_data),
+                                     ["data.format=messages"])) != training_hash(cfg)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.eval_fraction=0.5", "data.eval_fraction"),
+    ("data.eval_fraction=-0.1", "data.eval_fraction"),
+    ("data.eval_fraction=abc", "data.eval_fraction"),
+    ("train.eval_every=0", "train.eval_every"),
+    ("train.eval_every=1.5", "train.eval_every"),
+    ("data.format=jsonl", "data.format"),
+])
+def test_bad_eval_and_format_values_fail_at_load(tmp_path, tiny_base, memorised_data, override, key):
+    path = write_config(tmp_path, tiny_base, memorised_data)
+    with pytest.raises(UserError) as err:
+        load_config(path, [override])
+    assert key in err.value.render()
+
+
+def test_two_held_out_sets_are_refused(tmp_path, tiny_base, memorised_data):
+    with pytest.raises(UserError, match="both name a held-out set"):
+        load_config(write_config(tmp_path, tiny_base, memorised_data),
+                    ["data.eval_fraction=0.1", "data.eval_path=eval.jsonl"])
+
+
+def test_shipped_phase_configs_hold_out_a_small_share(tmp_path):
+    from cogumi.core.config import phase_config_path
+
+    for phase in ("1a", "1b", "demo"):
+        config = load_config(phase_config_path(phase))
+        assert 0 < config.data.eval_fraction <= 0.05 and config.train.eval_every >= 1, phase
