@@ -122,3 +122,20 @@ def test_shipped_phase_configs_hold_out_a_small_share(tmp_path):
     for phase in ("1a", "1b", "demo"):
         config = load_config(phase_config_path(phase))
         assert 0 < config.data.eval_fraction <= 0.05 and config.train.eval_every >= 1, phase
+
+
+def test_the_run_card_shows_eval_loss_and_what_the_evals_cost():
+    from cogumi import rehearsal
+    from cogumi.core.config import phase_config_path
+
+    real = load_config(phase_config_path("demo"))  # 300 steps, eval_loss every 100
+    measured = rehearsal.Measured(seconds={"train": 60.0, "merge": 5.0, "validate": 10.0}, train_tokens_per_s=1e3,
+                                  eval_rows=[{"step": 24, "eval_loss": 1.5, "eval_tokens": 900, "eval_s": 2.0}])
+    card = rehearsal.predict(real, measured, 1176, 50_000, 24, {"math": 40, "code": 40}, 0)
+    text = "\n".join(card.lines)
+    assert "3 evals (every 100 steps) x 2.0 s of 900 held-out tokens" in text and "eval_loss 1.5000 at step 24" in text
+    assert card.predicted["eval_s"] == 6.0
+    without = rehearsal.predict(real, rehearsal.Measured(seconds=measured.seconds, train_tokens_per_s=1e3), 1176,
+                                50_000, 24, {"math": 40, "code": 40}, 0)
+    assert "no eval_loss" in "\n".join(without.lines) and without.predicted["eval_s"] == 0.0
+    assert card.predicted["total_s"] == pytest.approx(without.predicted["total_s"] + 6.0)

@@ -362,7 +362,9 @@ class Trainer:
                     self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
                     bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.last_tps:.0f}")
                 if self.held_out and (self.step % self.eval_every == 0 or self.step == self.plan.total_steps):
-                    self._log_eval()  # before the save: a resume cuts the log back to the checkpoint's step
+                    # before the save (a resume cuts the log back to the checkpoint's step); its seconds are not
+                    # training time, so tokens/s leaves them out
+                    window.since += self._log_eval()
                 if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
                     self.save()
         finally:
@@ -410,7 +412,8 @@ class Trainer:
 
     # -- held-out loss
 
-    def _log_eval(self) -> None:
+    def _log_eval(self) -> float:
+        """Evaluate, log the row on rank 0; returns the seconds it took."""
         row = eval_row(self.step, self.model, self.engine, self.held_out, self.batches.collate,
                        self.layout.micro_batch_size, self.runtime)
         self.last_eval = (self.step, row["eval_loss"])
@@ -419,6 +422,7 @@ class Trainer:
             self.tracker.log(row)
             log.info("step %d: eval_loss %.4f over %d held-out tokens", self.step, row["eval_loss"],
                      row["eval_tokens"])
+        return row["eval_s"]
 
 
 def wrap_for_distributed(model, runtime: Runtime):
