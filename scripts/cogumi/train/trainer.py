@@ -420,8 +420,8 @@ class Trainer:
         if self.runtime.is_main:
             append_row(self.log_path, row)
             self.tracker.log(row)
-            log.info("step %d: eval_loss %.4f over %d held-out tokens", self.step, row["eval_loss"],
-                     row["eval_tokens"])
+            log.info("step %d: eval_loss %.4f over the %d answer tokens of the held-out set", self.step,
+                     row["eval_loss"], row["eval_tokens"])
         return row["eval_s"]
 
 
