@@ -102,3 +102,12 @@ def test_a_sharegpt_parquet_file_trains(tmp_path, tiny_base, env):
     cfg = write_config(tmp_path, tiny_base, data, data={"format": "sharegpt"}, train={"max_steps": 2})
     assert train_main(["--phase", str(cfg)]) == 0
     assert [r["step"] for r in read_log(run_dir(cfg) / "train_log.jsonl")] == [1, 2]
+
+
+def test_a_columnar_file_mixing_shapes_is_read_row_by_row(tmp_path, tokenizer):
+    """parquet and CSV give every row every column, None where it had none: auto looks at the non-empty ones."""
+    path = _write(tmp_path / "mixed.parquet", [SHAPES["prompt_response"], SHAPES["messages"], SHAPES["alpaca"]])
+    rows, _ = read_rows(str(path))
+    assert rows[0][1]["messages"] is None  # what the columnar loader hands over
+    examples = encode_rows(tokenizer, rows, 128, DataStats("t"))
+    assert [_answers(tokenizer, ex).startswith("fox") for ex in examples] == [True] * 3

@@ -139,3 +139,38 @@ def test_the_run_card_shows_eval_loss_and_what_the_evals_cost():
                                 50_000, 24, {"math": 40, "code": 40}, 0)
     assert "no eval_loss" in "\n".join(without.lines) and without.predicted["eval_s"] == 0.0
     assert card.predicted["total_s"] == pytest.approx(without.predicted["total_s"] + 6.0)
+
+
+def test_held_out_loss_is_the_token_mean_of_each_example_alone_packed_or_not(tiny_model_dir, memorised_data):
+    """The number is the mean over every answer token of the held-out set: not a mean of micro-batch means, the same
+    packed (the packed attention) or not, and the same however the micro-batches are cut."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cogumi.train.data import IGNORE_INDEX, Collator, pack
+    from cogumi.train.heldout import held_out_loss
+    from cogumi.train.packed_attention import packed_attention
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    examples = encode_data(DataConfig(train_path=str(memorised_data), max_seq_len=64, packing=False),
+                           read_data(DataConfig(train_path=str(memorised_data))), tokenizer, seed=0).items
+    loss_sum, n = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            labels = torch.tensor([ex.labels])
+            labels[0, 0] = IGNORE_INDEX  # an example's first token is never a target
+            trained = int((labels[0, 1:] != IGNORE_INDEX).sum())
+            loss_sum += model(input_ids=torch.tensor([ex.input_ids]), labels=labels).loss.item() * trained
+            n += trained
+    one = SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1)
+    plain = held_out_loss(model, model, examples, Collator(0, packed=False), 5, one)
+    assert plain[1] == n and plain[0] == pytest.approx(loss_sum / n, rel=1e-5)
+    assert held_out_loss(model, model, examples, Collator(0, packed=False), 2, one)[0] == pytest.approx(plain[0],
+                                                                                                       rel=1e-5)
+    with packed_attention(model, "sdpa_block_mask"):
+        packed = held_out_loss(model, model, pack(examples, 128), Collator(0, packed=True), 2, one)
+    assert packed[1] == n and packed[0] == pytest.approx(plain[0], rel=1e-4)
+    assert model.training  # switched back for the next training step

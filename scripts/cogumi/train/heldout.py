@@ -33,8 +33,9 @@ def held_out_loss(model, engine, items: list, collate: Collator, micro_batch_siz
         for chunk in chunks[runtime.rank::runtime.world_size]:
             trained = Collator.counts(chunk).trained
             if trained:
-                # the model's loss is the mean over this micro-batch's trained tokens: weighted back to a sum
-                loss = model(**batch_to_device(collate(chunk), device)).loss
+                # the model's loss is the mean over this micro-batch's trained tokens: weighted back to a sum.
+                # No KV cache (packed attention refuses one; it only costs memory here).
+                loss = model(**batch_to_device(collate(chunk), device), use_cache=False).loss
                 loss_sum += loss.double() * trained
                 tokens += trained
     finally:
