@@ -11,6 +11,7 @@ from train_helpers import run_dir, write_config
 from cogumi.core.config import DataConfig, load_config
 from cogumi.core.errors import UserError
 from cogumi.train.data import encode_data, read_data
+from cogumi.train.heldout import held_out_loss
 from cogumi.train.trainer import training_hash, training_settings
 from cogumi.train.trainlog import read_log
 
@@ -25,6 +26,21 @@ EVAL = {"data": {"eval_fraction": 0.25},
 
 def _evals(folder) -> dict[int, float]:
     return {r["step"]: r["eval_loss"] for r in read_log(folder / "train_log.jsonl") if "eval_loss" in r}
+
+
+def _eval_of(config, adapter) -> float:
+    """eval_loss of a saved adapter on the config's held-out set, outside the trainer."""
+    from types import SimpleNamespace
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    encoded = encode_data(config.data, read_data(config.data), AutoTokenizer.from_pretrained(config.base_model),
+                          seed=config.train.seed)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config.base_model), str(adapter))
+    one = SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1)
+    return held_out_loss(model, model, encoded.held_out, encoded.collate, 4, one)[0]
 
 
 def test_the_held_out_split_is_seeded_disjoint_and_taken_before_packing(tiny_model_dir, memorised_data):
@@ -59,6 +75,8 @@ def test_eval_loss_is_logged_plotted_summarised_and_exact_across_a_resume(tmp_pa
     assert (out / "loss.png").stat().st_size > 1000
     assert f"eval_loss {straight[6]:.4f} (held out, step 6)" in capsys.readouterr().out
 
+    # The weights checkpoint-4 holds give step 4's number again: what a run resumed there evaluates on.
+    assert _eval_of(load_config(cfg), out / "checkpoint-4" / "adapter") == pytest.approx(straight[4], abs=1e-6)
     # Back to checkpoint-4, as after a stop there: the resumed run's evals are the uninterrupted run's numbers.
     shutil.rmtree(out / "adapter")
     shutil.rmtree(out / "checkpoint-6")
@@ -150,7 +168,6 @@ def test_held_out_loss_is_the_token_mean_of_each_example_alone_packed_or_not(tin
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cogumi.train.data import IGNORE_INDEX, Collator, pack
-    from cogumi.train.heldout import held_out_loss
     from cogumi.train.packed_attention import packed_attention
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
