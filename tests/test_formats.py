@@ -111,3 +111,28 @@ def test_a_columnar_file_mixing_shapes_is_read_row_by_row(tmp_path, tokenizer):
     assert rows[0][1]["messages"] is None  # what the columnar loader hands over
     examples = encode_rows(tokenizer, rows, 128, DataStats("t"))
     assert [_answers(tokenizer, ex).startswith("fox") for ex in examples] == [True] * 3
+
+
+def test_other_column_and_speaker_names_map_onto_a_shape(tmp_path, tokenizer):
+    from cogumi.train.rows import Shape
+
+    rows = [{"question": "Say fox.", "answer": "fox"},
+            {"dialog": [{"role": "person", "content": "Say fox."}, {"role": "bot", "content": "fox"}]}]
+    rows, _ = read_rows(str(_write(tmp_path / "own.jsonl", rows)))
+    shape = Shape(columns={"prompt": "question", "response": "answer", "messages": "dialog"},
+                  roles={"person": "user", "bot": "assistant"})
+    examples = encode_rows(tokenizer, rows, 128, DataStats("t"), shape)
+    assert [_answers(tokenizer, ex).startswith("fox") for ex in examples] == [True, True]
+    with pytest.raises(UserError, match="role 'person'") as err:
+        encode_rows(tokenizer, rows[1:], 128, DataStats("t"), Shape(columns={"messages": "dialog"}))
+    assert "data.roles maps other names" in err.value.fix
+
+
+@pytest.mark.parametrize("override, expect", [("data.columns={answer: x}", "which no row shape reads"),
+                                              ("data.columns={prompt: ''}", "a column name"),
+                                              ("data.roles={bot: robot}", "one of system, user, assistant")])
+def test_bad_column_and_role_maps_fail_at_load(tmp_path, tiny_base, memorised_data, override, expect):
+    from cogumi.core.config import load_config
+
+    with pytest.raises(UserError, match=expect):
+        load_config(write_config(tmp_path, tiny_base, memorised_data), [override])

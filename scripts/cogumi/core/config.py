@@ -31,6 +31,8 @@ class DataConfig:
     packing: bool = True  # whole examples fill rows of max_seq_len; attention never crosses examples (exact)
     shuffle_seed: int = 0
     format: str = "auto"  # auto (by each row's keys) | messages | prompt_response | sharegpt | alpaca
+    columns: dict = field(default_factory=dict)  # {prompt: question}: a shape's key -> the file's own column name
+    roles: dict = field(default_factory=dict)  # {bot: assistant}: other speaker names -> system | user | assistant
     # The held-out set behind eval_loss, never trained on: a file of its own, or a seeded share of train_path's
     # examples taken before packing. Both empty: no eval_loss.
     eval_path: str | None = None

@@ -20,7 +20,7 @@ import torch
 
 from cogumi.core.config import DataConfig
 from cogumi.core.errors import UserError
-from cogumi.train.rows import ROW_FORMAT, read_rows, to_messages  # noqa: F401 - ROW_FORMAT: for this module's callers
+from cogumi.train.rows import ROW_FORMAT, Shape, read_rows, to_messages  # noqa: F401 - ROW_FORMAT: for callers
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,9 @@ def label_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], i
 
 
 def encode_rows(tokenizer, rows: list[tuple[str, dict]], max_seq_len: int, stats: DataStats,
-                fmt: str = "auto") -> list[Example]:
+                shape: Shape | str = "auto") -> list[Example]:
     """Tokenize every row (one batched fast-tokenizer call), label assistant tokens, truncate and count."""
-    rendered = [render_with_spans(tokenizer, to_messages(row, where, fmt), where) for where, row in rows]
+    rendered = [render_with_spans(tokenizer, to_messages(row, where, shape), where) for where, row in rows]
     # The template already wrote <|begin_of_text|>; add_special_tokens would add a second one.
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     examples = []
@@ -302,7 +302,7 @@ def read_data(cfg: DataConfig) -> Rows:
     eval_rows, eval_source = (read_rows(cfg.eval_path, cfg.hub_split, key="data.eval_path")
                               if cfg.eval_path is not None else (None, None))
     for where, row in rows + (eval_rows or []):
-        to_messages(row, where, cfg.format)
+        to_messages(row, where, Shape.of(cfg))
     return Rows(source, rows, eval_rows, eval_source)
 
 
@@ -341,7 +341,7 @@ def encode_data(cfg: DataConfig, data: Rows, tokenizer, *, seed: int) -> Encoded
     depend on a probe)."""
     rows, source = data.rows, data.source
     stats = DataStats(source=source)
-    examples = encode_rows(tokenizer, rows, cfg.max_seq_len, stats, cfg.format)
+    examples = encode_rows(tokenizer, rows, cfg.max_seq_len, stats, Shape.of(cfg))
     held_out: list[Example] = []
     if cfg.eval_fraction > 0:
         examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.shuffle_seed)
@@ -350,7 +350,7 @@ def encode_data(cfg: DataConfig, data: Rows, tokenizer, *, seed: int) -> Encoded
         stats.label_tokens -= sum(sum(label != IGNORE_INDEX for label in ex.labels) for ex in held_out)
     elif data.eval_rows is not None:
         held_out = encode_rows(tokenizer, data.eval_rows, cfg.max_seq_len, DataStats(source=data.eval_source),
-                               cfg.format)
+                               Shape.of(cfg))
         if not held_out:
             raise UserError("no eval examples left after formatting", where="data.eval_path",
                             fix="check the eval file and data.max_seq_len")

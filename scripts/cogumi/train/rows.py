@@ -9,14 +9,18 @@ Shapes (data.format; auto picks one per row by its keys, ignoring empty columns,
   prompt_response  {"prompt": "...", "response": "...", "system": optional}
   sharegpt         {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...], "system": optional}
   alpaca           {"instruction": "...", "input": optional, "output": "...", "system": optional}
+Other column names map onto these keys with data.columns ({prompt: question, response: answer}); other speaker
+names onto system/user/assistant with data.roles ({bot: assistant}).
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cogumi.core.confcheck import ROLES as CHAT_ROLES
 from cogumi.core.config import resolve_path
 from cogumi.core.errors import UserError
 from cogumi.core.fsutil import iter_jsonl
@@ -24,7 +28,7 @@ from cogumi.core.hub import is_offline, local_folder
 
 log = logging.getLogger(__name__)
 
-ROLES = {"system", "user", "assistant"}
+ROLES = set(CHAT_ROLES)
 ROW_FORMAT = ('each row must be {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", '
               '"content": "..."}]}, {"prompt": "...", "response": "..."}, ShareGPT {"conversations": [{"from": '
               '"human", "value": "..."}, {"from": "gpt", "value": "..."}]} or Alpaca {"instruction": "...", '
@@ -98,6 +102,25 @@ def _read_hub_dataset(source: str, split: str, key: str) -> list[tuple[str, dict
 # ---------------------------------------------------------------- shapes
 
 
+@dataclass(frozen=True)
+class Shape:
+    """How to read a row: data.format, data.columns (shape key -> the file's column), data.roles (name -> role)."""
+
+    format: str = "auto"
+    columns: dict = field(default_factory=dict)
+    roles: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg) -> Shape:
+        return cls(cfg.format, dict(cfg.columns), dict(cfg.roles))
+
+    def rename(self, row):
+        """The row with each mapped column also under its shape key (a missing column stays missing)."""
+        if not (self.columns and isinstance(row, dict)):
+            return row
+        return {**row, **{key: row[column] for key, column in self.columns.items() if column in row}}
+
+
 def row_format(row, where: str, fmt: str = "auto") -> str:
     """The shape of one row: `fmt` itself, or with auto the one its (non-empty) keys name."""
     if fmt != "auto":
@@ -116,26 +139,32 @@ def row_format(row, where: str, fmt: str = "auto") -> str:
                     fix=ROW_FORMAT + "; or set data.format")
 
 
-def to_messages(row, where: str, fmt: str = "auto") -> list[dict]:
+def to_messages(row, where: str, shape: Shape | str = "auto") -> list[dict]:
     """A validated list of chat messages for one row; a malformed row names its file and line."""
-    shape = row_format(row, where, fmt)
+    shape = shape if isinstance(shape, Shape) else Shape(shape)
+    row = shape.rename(row)
+    kind = row_format(row, where, shape.format)
     if not isinstance(row, dict):
         raise UserError(f"malformed row: a {type(row).__name__}, not an object", where=where, fix=ROW_FORMAT)
-    return _refuse_empty_answers(_SHAPES[shape](row, where), where)
+    return _refuse_empty_answers(_SHAPES[kind](row, where, shape.roles), where)
 
 
-def _messages(row: dict, where: str) -> list[dict]:
+def _messages(row: dict, where: str, roles: dict) -> list[dict]:
     messages = row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise UserError("'messages' must be a non-empty list", where=where, fix=ROW_FORMAT)
+    out = []
     for i, msg in enumerate(messages):
-        if not (isinstance(msg, dict) and msg.get("role") in ROLES and isinstance(msg.get("content"), str)):
+        role = roles.get(msg.get("role"), msg.get("role")) if isinstance(msg, dict) else None
+        if not (role in ROLES and isinstance(msg.get("content"), str)):
             raise UserError(f"message {i} needs a role in {sorted(ROLES)} and a string content, got "
-                            + _describe_message(msg), where=where, fix=ROW_FORMAT)
-    return _need_answer([{"role": m["role"], "content": m["content"]} for m in messages], where)
+                            + _describe_message(msg), where=where,
+                            fix=ROW_FORMAT + "; data.roles maps other names, e.g. {bot: assistant}")
+        out.append({"role": role, "content": msg["content"]})
+    return _need_answer(out, where)
 
 
-def _prompt_response(row: dict, where: str) -> list[dict]:
+def _prompt_response(row: dict, where: str, roles: dict) -> list[dict]:
     if not (isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str)):
         raise UserError(f"malformed row: prompt_response needs string 'prompt' and 'response' (keys: {sorted(row)})",
                         where=where, fix=ROW_FORMAT)
@@ -143,25 +172,26 @@ def _prompt_response(row: dict, where: str) -> list[dict]:
                            {"role": "assistant", "content": row["response"]}]
 
 
-def _sharegpt(row: dict, where: str) -> list[dict]:
+def _sharegpt(row: dict, where: str, roles: dict) -> list[dict]:
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise UserError("'conversations' must be a non-empty list", where=where, fix=ROW_FORMAT)
+    speakers = {**SHAREGPT_ROLES, **roles}
     messages = []
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
-        if speaker not in SHAREGPT_ROLES or not isinstance(turn.get("value"), str):
+        if speaker not in speakers or not isinstance(turn.get("value"), str):
             got = (f"from {speaker!r} and value of type {type(turn.get('value')).__name__}" if isinstance(turn, dict)
                    else f"a {type(turn).__name__}")
-            raise UserError(f"turn {i} needs 'from' in {sorted(SHAREGPT_ROLES)} and a string 'value', got {got}",
-                            where=where, fix=ROW_FORMAT)
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn["value"]})
+            raise UserError(f"turn {i} needs 'from' in {sorted(speakers)} and a string 'value', got {got}",
+                            where=where, fix=ROW_FORMAT + "; data.roles maps other names, e.g. {bot: assistant}")
+        messages.append({"role": speakers[speaker], "content": turn["value"]})
     if messages[0]["role"] != "system":
         messages = _system(row) + messages
     return _need_answer(messages, where)
 
 
-def _alpaca(row: dict, where: str) -> list[dict]:
+def _alpaca(row: dict, where: str, roles: dict) -> list[dict]:
     if not (isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str)):
         raise UserError(f"malformed row: alpaca needs string 'instruction' and 'output' (keys: {sorted(row)})",
                         where=where, fix=ROW_FORMAT)

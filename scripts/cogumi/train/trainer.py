@@ -56,7 +56,7 @@ _NOT_TRAINING = {"train": {"log_every", "report_to", "device", "liger", "attenti
                  "data": {"eval_path"}}  # what eval_loss is measured on does not change the training
 # Keys added after checkpoints already existed: left out of the hash at their defaults, so such a checkpoint still
 # resumes (B53). Any other value changes what is trained (eval_fraction takes examples out) and is in the hash.
-_LEFT_OUT_AT_DEFAULT = {"data": {"format": "auto", "eval_fraction": 0.0}}
+_LEFT_OUT_AT_DEFAULT = {"data": {"format": "auto", "eval_fraction": 0.0, "columns": {}, "roles": {}}}
 
 
 @dataclass(frozen=True)
