@@ -136,3 +136,23 @@ def test_bad_column_and_role_maps_fail_at_load(tmp_path, tiny_base, memorised_da
 
     with pytest.raises(UserError, match=expect):
         load_config(write_config(tmp_path, tiny_base, memorised_data), [override])
+
+
+def test_a_list_of_sources_is_a_mixture_of_all_their_rows(tmp_path, tokenizer):
+    from cogumi.core.config import DataConfig
+    from cogumi.train.data import read_data
+
+    jsonl = _write(tmp_path / "a.jsonl", [SHAPES["sharegpt"]] * 2)
+    parquet = _write(tmp_path / "b.parquet", [SHAPES["alpaca"]] * 3)
+    data = read_data(DataConfig(train_path=[str(jsonl), str(parquet)]))
+    assert len(data.rows) == 5 and data.source == f"{jsonl} + {parquet}"
+    assert data.rows[1][0] == f"{jsonl}:2" and data.rows[4][0] == f"{parquet} row 3"
+    assert len(encode_rows(tokenizer, data.rows, 128, DataStats(data.source))) == 5
+
+
+@pytest.mark.parametrize("value", ["[]", "['']", "[1]", "{a: 1}"])
+def test_a_bad_train_path_fails_at_load(tmp_path, tiny_base, memorised_data, value):
+    from cogumi.core.config import load_config
+
+    with pytest.raises(UserError, match="data.train_path"):
+        load_config(write_config(tmp_path, tiny_base, memorised_data), [f"data.train_path={value}"])

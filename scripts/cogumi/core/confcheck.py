@@ -83,6 +83,10 @@ def check_values(config, source: str) -> None:
     _range("train.max_steps", t.max_steps, 1, None, source, "50 (or null: from epochs)")
     _range("train.log_every", t.log_every, 1, None, source, "10")
     _range("data.max_seq_len", d.max_seq_len, MIN_SEQ_LEN, None, source, "2048")
+    paths = d.train_path if isinstance(d.train_path, list) else [d.train_path]
+    if not (paths and all(isinstance(p, str) and p.strip() for p in paths)):
+        _refuse("data.train_path", d.train_path, "a file or hub id, or a non-empty list of them",
+                "[data/a.jsonl,data/b.parquet]", source)
     _enum("data.format", d.format, DATA_FORMATS, source)
     _check_mapping("data.columns", d.columns, SHAPE_KEYS, source, "{prompt: question, response: answer}")
     _check_mapping("data.roles", d.roles, None, source, "{bot: assistant, person: user}")

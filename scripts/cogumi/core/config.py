@@ -25,7 +25,8 @@ from cogumi.core.tracking import parse_report_to
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_path: str = "data/train.jsonl"  # local .jsonl/.json/.parquet/.csv, or a datasets hub id when online
+    # local .jsonl/.json/.parquet/.csv, or a datasets hub id when online; a list of them: a mixture (all their rows)
+    train_path: Any = "data/train.jsonl"
     hub_split: str = "train"
     max_seq_len: int = 2048
     packing: bool = True  # whole examples fill rows of max_seq_len; attention never crosses examples (exact)

@@ -298,7 +298,10 @@ class Rows:
 
 def read_data(cfg: DataConfig) -> Rows:
     """Read and check every row without a tokenizer, so a bad data file fails before the base downloads."""
-    rows, source = read_rows(cfg.train_path, cfg.hub_split)
+    # several sources: a mixture of all their rows, each still named by its own file and line
+    read = [read_rows(path, cfg.hub_split) for path in
+            (cfg.train_path if isinstance(cfg.train_path, list) else [cfg.train_path])]
+    rows, source = [row for part, _ in read for row in part], " + ".join(name for _, name in read)
     eval_rows, eval_source = (read_rows(cfg.eval_path, cfg.hub_split, key="data.eval_path")
                               if cfg.eval_path is not None else (None, None))
     for where, row in rows + (eval_rows or []):
