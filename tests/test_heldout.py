@@ -74,6 +74,9 @@ def test_eval_loss_is_logged_plotted_summarised_and_exact_across_a_resume(tmp_pa
     assert all(r["eval_tokens"] > 0 and r["eval_s"] >= 0 for r in rows)
     assert (out / "loss.png").stat().st_size > 1000
     assert f"eval_loss {straight[6]:.4f} (held out, step 6)" in capsys.readouterr().out
+    from cogumi.core.manifest import read_manifest
+
+    assert read_manifest(out / "adapter")["eval_loss"] == pytest.approx(straight[6], abs=1e-6)
 
     # The weights checkpoint-4 holds give step 4's number again: what a run resumed there evaluates on.
     assert _eval_of(load_config(cfg), out / "checkpoint-4" / "adapter") == pytest.approx(straight[4], abs=1e-6)
