@@ -53,7 +53,8 @@ def read_rows(source: str, split: str = "train", *, key: str = "data.train_path"
         return rows, str(path)
     looks_local = local_folder(source) is not None or source.endswith((".jsonl", ".gz", *LOADERS))
     if is_offline() or looks_local:
-        raise UserError(f"data file not found: {path}", where=key,
+        what = "held-out data" if key == "data.eval_path" else "training data"
+        raise UserError(f"{what} not found: {path}", where=key,
                         fix="create the file (.jsonl, .json, .parquet or .csv; " + ROW_FORMAT + "), or name a "
                             "datasets hub id (owner/name) while online")
     return _read_hub_dataset(source, split, key), source
