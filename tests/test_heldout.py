@@ -194,3 +194,16 @@ def test_held_out_loss_is_the_token_mean_of_each_example_alone_packed_or_not(tin
         packed = held_out_loss(model, model, pack(examples, 128), Collator(0, packed=True), 2, one)
     assert packed[1] == n and packed[0] == pytest.approx(plain[0], rel=1e-4)
     assert model.training  # switched back for the next training step
+
+
+def test_the_tracker_gets_eval_loss_beside_the_training_loss(tmp_path, tiny_base, memorised_data, env):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = write_config(tmp_path, tiny_base, memorised_data, data={"eval_path": str(memorised_data)},
+                       train={"max_steps": 4, "log_every": 2, "eval_every": 2, "report_to": "tensorboard"})
+    assert train_main(["--phase", str(cfg)]) == 0
+    events = EventAccumulator(str(run_dir(cfg) / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/eval_loss")]
+    assert logged == [(step, pytest.approx(loss, rel=1e-6)) for step, loss in _evals(run_dir(cfg)).items()]
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
