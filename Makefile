@@ -67,7 +67,7 @@ demo: ## the whole chain on a tiny model on CPU, in minutes (no download)
 
 # GPUS=N > 1 launches the same script under torchrun (DDP); the effective batch stays the config's (docs/MULTI_GPU.md).
 LAUNCH = $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
-train: ## train phase PHASE (resumes automatically; RESUME=0 starts fresh; GPUS=N: N GPUs with DDP)
+train: ## train phase PHASE (resumes automatically; RESUME=0 starts fresh; GPUS=N: N GPUs with DDP; eval_loss on held-out rows)
 	@$(call RUN,$(LAUNCH) scripts/train_phase1a_fullprecision.py --phase $(PHASE) $(ARGS))
 
 merge: ## merge PHASE's adapter into its bf16 base, shard by shard, verified

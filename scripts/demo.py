@@ -121,7 +121,7 @@ def validation_is_current(config) -> bool:
 def summary(config) -> str:
     report = json.loads((config.validation_dir / "report.json").read_text())
     lines = ["", "[demo] done. Look at:",
-             f"  loss curve      {config.run_dir / 'loss.png'}",
+             f"  loss curve      {config.run_dir / 'loss.png'} (training loss and the held-out eval_loss)",
              f"  merge report    {config.merged_dir / 'merge_report.json'}",
              f"  win/tie/loss    {config.validation_dir / 'wtl.png'}",
              f"  full report     {config.validation_dir / 'report.md'}"]

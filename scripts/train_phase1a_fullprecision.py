@@ -33,6 +33,7 @@ from cogumi.train.data import encode_data, read_data
 from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
 from cogumi.train.export import export_adapter, finished_adapter, next_command, summary
 from cogumi.train.fastpath import fast_path
+from cogumi.train.heldout import eval_share
 from cogumi.train.layout import choose_layout, read_saved_layout
 from cogumi.train.model import build_base, build_model, build_tokenizer, resolve_runtime, trainable_parameters
 from cogumi.train.packed_attention import packed_attention
@@ -87,6 +88,11 @@ def train(config, runtime, phase: str, overrides: list[str], *, fresh: bool, all
     # The step count depends on the data size and the effective batch only, so it is known before the model loads.
     plan = make_plan(config, len(encoded.items), encoded.stats.tokens)
     log.info("%s", plan.describe())
+    if encoded.held_out:
+        every = config.train.eval_every or config.checkpoints.save_steps
+        share = eval_share(plan.total_steps, plan.tokens_per_step, every, encoded.held_out_tokens)
+        log.info("eval: eval_loss every %d steps and at the last: about %.1f %% of the training compute", every,
+                 100 * share)
     if resume_from is not None and (done := finished_adapter(config, plan.total_steps)):
         log.info("this run already finished (%d steps, final loss %s): %s; RESUME=0 trains again",
                  done["steps"], done.get("final_loss"), config.adapter_dir)
@@ -110,7 +116,8 @@ def fit(config, model, base, runtime, encoded, plan, resume_from, *, fresh: bool
     estimate = estimate_checkpoint_bytes(sum(p.numel() for p in trainable_parameters(model)))
     distributed.on_main(preflight, config, checkpoint_bytes_estimate=estimate,
                         merged_bytes_estimate=base.weights_bytes)
-    trainer = Trainer(config, model, batches, runtime, plan, layout, checkpoint_estimate=estimate)
+    trainer = Trainer(config, model, batches, runtime, plan, layout, checkpoint_estimate=estimate,
+                      held_out=encoded.held_out)
     if resume_from is not None:
         trainer.resume(resume_from, allow_changed=allow_changed)  # the last check; it cuts the log back
     distributed.on_main(claim_run_dir, config, fresh=fresh, resuming=resume_from is not None)

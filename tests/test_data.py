@@ -100,7 +100,7 @@ def test_missing_local_file_is_a_user_error_offline(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not found"):
         read_rows("someone/some-dataset")  # a hub id is only tried while online
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr("cogumi.train.data._read_hub_dataset", lambda *a: pytest.fail("a local path went to the hub"))
+    monkeypatch.setattr("cogumi.train.rows._read_hub_dataset", lambda *a: pytest.fail("a local path went to the hub"))
     with pytest.raises(UserError, match="not found"):
         read_rows("data/phase9/train.jsonl")  # a repo-relative path is never mistaken for a hub id
 

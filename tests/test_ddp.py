@@ -77,7 +77,9 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
 def two_process_run(tmp_path_factory, tiny_base, memorised_data):
     """The uninterrupted two-process run that the other tests compare with."""
     tmp = tmp_path_factory.mktemp("ddp")
-    cfg = write_config(tmp, tiny_base, memorised_data, root="two", **SECTIONS)
+    # with a held-out set (eval_loss on both ranks' shares); the kill test's run without one must train the same
+    cfg = write_config(tmp, tiny_base, memorised_data, root="two", **SECTIONS,
+                       data={"eval_path": str(memorised_data)})
     code, out = finish(torchrun(cfg))
     assert code == 0, out[-4000:]
     return cfg, out
@@ -87,7 +89,8 @@ def two_process_run(tmp_path_factory, tiny_base, memorised_data):
 def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_base, memorised_data, two_process_run,
                                                       env):
     two_cfg, out = two_process_run
-    one_cfg = write_config(tmp_path, tiny_base, memorised_data, root="one", **SECTIONS)
+    one_cfg = write_config(tmp_path, tiny_base, memorised_data, root="one", **SECTIONS,
+                           data={"eval_path": str(memorised_data)})
     assert train_main(["--phase", str(one_cfg)]) == 0
     assert "micro-batch 2 x accumulation 1 x processes 2 = effective batch 4" in out
     diff = max_diff(adapter_weights(run_dir(one_cfg) / "adapter"), adapter_weights(run_dir(two_cfg) / "adapter"))
@@ -95,9 +98,14 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_base, memori
 
     two = run_dir(two_cfg)
     one_log, two_log = read_log(run_dir(one_cfg) / "train_log.jsonl"), read_log(two / "train_log.jsonl")
-    assert [r["step"] for r in two_log] == list(range(1, STEPS + 1))  # rank 0 alone wrote it, once per step
+    assert [r["step"] for r in two_log if "loss" in r] == list(range(1, STEPS + 1))  # rank 0 alone, once per step
     for a, b in zip(one_log, two_log, strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)  # the logged loss is the mean over both ranks
+        assert a.keys() == b.keys()
+        if "loss" in a:
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)  # the logged loss is the mean over both ranks
+        else:  # eval_loss at every save: the token mean over both ranks' shares of the held-out rows
+            assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-5) and b["eval_tokens"] == a["eval_tokens"]
+    assert [r["step"] for r in two_log if "eval_loss" in r] == list(range(2, STEPS + 1, 2))
     assert [step for step, _ in list_complete(two)] == [STEPS - 4, STEPS - 2, STEPS]
     latest = two / f"checkpoint-{STEPS}"
     assert (latest / "rng-rank0.pt").is_file() and (latest / "rng-rank1.pt").is_file()

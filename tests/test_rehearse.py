@@ -21,6 +21,7 @@ def test_rehearsal_of_the_demo_runs_every_step_prints_the_card_and_leaves_nothin
     assert "== run card: demo" in out and "GPU-hours" in out and "peak disk" in out, out[-2000:]
     assert "resumed from checkpoint-" in out  # the Ctrl-C'd first run was resumed by the same command
     assert "300 steps" in out  # the prediction is for the real config (train.max_steps: 300), not the rehearsal's
+    assert "3 evals (every 100 steps)" in out and "the rehearsal's eval_loss" in out  # demo: eval_every 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo_base"]  # no run folder, no hidden folder left
     assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in base.iterdir()) == before
 

@@ -41,6 +41,7 @@ class Measured:
     merged_bytes: int = 0
     validation: dict = field(default_factory=dict)  # task -> {"prompts", "generation_s", "new_tokens", "sides"}
     decode: dict = field(default_factory=dict)  # task -> generate.decode_rate at the full run's batch size
+    eval_rows: list = field(default_factory=list)  # train_log.jsonl's eval_loss rows
 
 
 def rehearsal_root(config: PhaseConfig) -> Path:
@@ -84,7 +85,9 @@ def train_interrupted_then_resumed(args: list[str], run_dir: Path, measured: Mea
 def measure(config: PhaseConfig, measured: Measured) -> None:
     from cogumi.train.trainlog import TRAIN_LOG, read_log
 
-    rows = [r["tokens_per_s"] for r in read_log(config.run_dir / TRAIN_LOG) if r.get("tokens_per_s")]
+    logged = read_log(config.run_dir / TRAIN_LOG)
+    rows = [r["tokens_per_s"] for r in logged if r.get("tokens_per_s")]
+    measured.eval_rows = [r for r in logged if "eval_loss" in r]
     # the first window holds the warm-up (allocator, kernels); later ones are the steady state
     measured.train_tokens_per_s = statistics.median(rows[1:] or rows) if rows else 0.0
     checkpoints = [p for p in config.run_dir.glob("checkpoint-*") if (p / "COMPLETE").exists()]
@@ -146,10 +149,11 @@ def predict(real: PhaseConfig, measured: Measured, rows: int, tokens: int, rehea
     # loading the models and judging the answers, as measured: the rehearsal's validate step less its decoding
     overhead_s = measured.seconds["validate"] - sum(v["generation_s"] for v in measured.validation.values())
     validate_s = generation_s + max(0.0, overhead_s)
-    total_s = train_s + merge_s + validate_s
+    eval_s, eval_line = _held_out(real, plan.total_steps, measured.eval_rows)
+    total_s = train_s + eval_s + merge_s + validate_s
     peak_disk = base_bytes + (real.checkpoints.keep_last + 1) * measured.checkpoint_bytes + measured.merged_bytes
     predicted = {"train_s": round(train_s, 1), "train_fixed_s": round(fixed_s, 1), "merge_s": round(merge_s, 1),
-                 "validate_s": round(validate_s, 1), "total_s": round(total_s, 1),
+                 "validate_s": round(validate_s, 1), "eval_s": round(eval_s, 1), "total_s": round(total_s, 1),
                  "gpu_hours": round(total_s / 3600, 3), "peak_disk_bytes": peak_disk,
                  "train_steps": plan.total_steps, "train_tokens": round(train_tokens),
                  "train_tokens_per_s": round(tps, 1), "problems": full_problems,
@@ -164,6 +168,7 @@ def predict(real: PhaseConfig, measured: Measured, rows: int, tokens: int, rehea
         f"== run card: {real.name} (predicted from this rehearsal on this machine) ==",
         f"  train     {_hours(train_s)}  {plan.total_steps} steps, {train_tokens / 1e6:.1f} M tokens at "
         f"{tps:,.0f} tokens/s (measured), + {fixed_s:.0f} s to start and finish",
+        eval_line,
         f"  merge     {_hours(merge_s)}  as measured, with verification",
         f"  validate  {_hours(validate_s)}  {sum(full_problems.values())} problems x {sides} models: {rates}, "
         f"measured at the full run's batch size; + {max(0.0, overhead_s):.0f} s loading and judging as measured",
@@ -174,6 +179,19 @@ def predict(real: PhaseConfig, measured: Measured, rows: int, tokens: int, rehea
         ", ".join(f"{k} {v:.0f} s" for k, v in measured.seconds.items()),
     ]
     return Card(lines, predicted)
+
+
+def _held_out(real: PhaseConfig, total_steps: int, rows: list[dict]) -> tuple[float, str]:
+    """(seconds, card line) of the real run's evaluations: their count times the rehearsal's measured seconds."""
+    if not rows:
+        return 0.0, "  eval      none       no held-out set (data.eval_fraction 0, no data.eval_path): no eval_loss"
+    every = real.train.eval_every or real.checkpoints.save_steps
+    evals = total_steps // every + (total_steps % every != 0)
+    per_eval = statistics.median(r["eval_s"] for r in rows)
+    last = rows[-1]
+    return evals * per_eval, (f"  eval      {_hours(evals * per_eval)}  {evals} evals (every {every} steps) x "
+                              f"{per_eval:.1f} s of {last['eval_tokens']:,} held-out tokens; the rehearsal's "
+                              f"eval_loss {last['eval_loss']:.4f} at step {last['step']}")
 
 
 def _hours(seconds: float) -> str:

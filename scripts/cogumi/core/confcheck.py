@@ -19,6 +19,11 @@ LIGER = ("auto", "on", "off")
 DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 MIN_SEQ_LEN = 16
+DATA_FORMATS = ("auto", "messages", "prompt_response", "sharegpt", "alpaca")
+MAX_EVAL_FRACTION = 0.5
+# The keys cogumi.train.rows' shapes read (what data.columns may map a file's columns onto), and the chat roles.
+SHAPE_KEYS = ("messages", "conversations", "prompt", "response", "instruction", "input", "output", "system")
+ROLES = ("system", "user", "assistant")
 
 
 def _refuse(key: str, value, rule: str, example: str, source: str):
@@ -40,6 +45,19 @@ def _enum(key: str, value, allowed, source: str) -> None:
     if value not in allowed:
         raise UserError(f"'{key}' must be one of {', '.join(allowed)}, got {value!r}", where=f"{source}: {key}",
                         fix=f"e.g. {key}={allowed[0]}")
+
+
+def _check_mapping(key: str, mapping: dict, keys, source: str, example: str) -> None:
+    """data.columns (keys: the shapes' keys, values: column names) and data.roles (values: a chat role)."""
+    for name, value in mapping.items():
+        if keys is not None and name not in keys:
+            raise UserError(f"'{key}' maps {name!r}, which no row shape reads", where=f"{source}: {key}",
+                            fix=f"map one of {', '.join(keys)} to your column, e.g. {key}={example}")
+        allowed = ROLES if keys is None else None
+        if not (isinstance(value, str) and value) or (allowed and value not in allowed):
+            rule = f"one of {', '.join(allowed)}" if allowed else "a column name"
+            raise UserError(f"'{key}.{name}' must be {rule}, got {value!r}", where=f"{source}: {key}",
+                            fix=f"e.g. {key}={example}")
 
 
 def check_values(config, source: str) -> None:
@@ -65,6 +83,20 @@ def check_values(config, source: str) -> None:
     _range("train.max_steps", t.max_steps, 1, None, source, "50 (or null: from epochs)")
     _range("train.log_every", t.log_every, 1, None, source, "10")
     _range("data.max_seq_len", d.max_seq_len, MIN_SEQ_LEN, None, source, "2048")
+    paths = d.train_path if isinstance(d.train_path, list) else [d.train_path]
+    if not (paths and all(isinstance(p, str) and p.strip() for p in paths)):
+        _refuse("data.train_path", d.train_path, "a file or hub id, or a non-empty list of them",
+                "[data/a.jsonl,data/b.parquet]", source)
+    _enum("data.format", d.format, DATA_FORMATS, source)
+    _check_mapping("data.columns", d.columns, SHAPE_KEYS, source, "{prompt: question, response: answer}")
+    _check_mapping("data.roles", d.roles, None, source, "{bot: assistant, person: user}")
+    _range("data.eval_fraction", d.eval_fraction, 0, MAX_EVAL_FRACTION, source, "0.02", high_open=True)
+    if d.eval_path is not None and d.eval_fraction > 0:
+        raise UserError("data.eval_path and data.eval_fraction both name a held-out set", where=f"{source}: data",
+                        fix="keep one: data.eval_fraction=0 to evaluate on eval_path, or data.eval_path=null")
+    if d.eval_path is not None and not str(d.eval_path).strip():
+        _refuse("data.eval_path", d.eval_path, "a file path or null", "data/phase1a/eval.jsonl", source)
+    _range("train.eval_every", t.eval_every, 1, None, source, "500 (or null: at every checkpoint save)")
     _range("lora.dropout", lo.dropout, 0, 1, source, "0.0", high_open=True)
     _range("lora.alpha", lo.alpha, 0, None, source, "32", low_open=True)
     targets = lo.target_modules

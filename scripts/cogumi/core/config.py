@@ -26,11 +26,19 @@ from cogumi.core.tracking import parse_report_to
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_path: str = "data/train.jsonl"  # local JSONL, or a datasets hub id when online
+    # local .jsonl/.json/.parquet/.csv, or a datasets hub id when online; a list of them: a mixture (all their rows)
+    train_path: Any = "data/train.jsonl"
     hub_split: str = "train"
     max_seq_len: int = 2048
     packing: bool = True  # whole examples fill rows of max_seq_len; attention never crosses examples (exact)
     shuffle_seed: int = 0
+    format: str = "auto"  # auto (by each row's keys) | messages | prompt_response | sharegpt | alpaca
+    columns: dict = field(default_factory=dict)  # {prompt: question}: a shape's key -> the file's own column name
+    roles: dict = field(default_factory=dict)  # {bot: assistant}: other speaker names -> system | user | assistant
+    # The held-out set behind eval_loss, never trained on: a file of its own, or a seeded share of train_path's
+    # examples taken before packing. Both empty: no eval_loss.
+    eval_path: str | None = None
+    eval_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"
     report_to: Any = "none"  # none | tensorboard | wandb | a list: views of train_log.jsonl (cogumi.core.tracking)
+    eval_every: int | None = None  # held-out loss every N optimizer steps and at the last; null: at every save
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Training data: JSONL chat rows -> token ids with loss only on assistant tokens -> deterministic micro-batches.
 
-Rows are either `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}` (several turns
-allowed) or `{"prompt": ..., "response": ..., "system": optional}`. The model's own chat template formats them.
+Rows come as chat messages from cogumi.train.rows (JSONL, JSON, parquet, CSV or a hub id; messages, prompt/response,
+ShareGPT or Alpaca shapes). The model's own chat template formats them.
 Labels are -100 everywhere except the tokens of each assistant turn, its end-of-turn token included, so the model
 learns to stop.
 
@@ -14,22 +14,17 @@ then takes micro_batch_size x grad_accum packed rows, not examples: fewer, fulle
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
-from cogumi.core.config import DataConfig, resolve_path
+from cogumi.core.config import DataConfig
 from cogumi.core.errors import UserError
-from cogumi.core.fsutil import iter_jsonl
-from cogumi.core.hub import is_offline, local_folder
+from cogumi.train.rows import ROW_FORMAT, Shape, read_rows, to_messages  # noqa: F401 - ROW_FORMAT: for callers
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = {"system", "user", "assistant"}
-ROW_FORMAT = ('each line must be {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", '
-              '"content": "..."}]} or {"prompt": "...", "response": "..."}')
 
 
 @dataclass
@@ -48,85 +43,13 @@ class DataStats:
     tokens: int = 0
     label_tokens: int = 0
     packed_rows: int | None = None
+    held_out: int = 0  # examples set aside for eval_loss (data.eval_fraction), not counted above
 
     def describe(self) -> str:
         text = (f"{self.examples} examples from {self.rows} rows of {self.source}: {self.tokens} tokens, "
                 f"{self.label_tokens} trained on; {self.truncated} truncated, {self.dropped} dropped")
+        text += f"; {self.held_out} more held out for eval_loss" if self.held_out else ""
         return text + (f"; packed into {self.packed_rows} rows" if self.packed_rows is not None else "")
-
-
-# ---------------------------------------------------------------- reading rows
-
-
-def read_rows(source: str, split: str = "train") -> tuple[list[tuple[str, dict]], str]:
-    """(where, row) pairs from a local JSONL file, or from a datasets hub id when the path does not exist."""
-    path = resolve_path(source)
-    if path.exists():
-        return _read_jsonl(path), str(path)
-    looks_local = local_folder(source) is not None or source.endswith((".jsonl", ".json", ".gz"))
-    if is_offline() or looks_local:
-        raise UserError(f"training data not found: {path}", where="data.train_path",
-                        fix="create the JSONL file (" + ROW_FORMAT + "), or name a datasets hub id (owner/name) "
-                            "while online")
-    return _read_hub_dataset(source, split), source
-
-
-def _read_hub_dataset(source: str, split: str) -> list[tuple[str, dict]]:
-    import datasets
-
-    log.info("data: %s is not a local file; loading it from the hub (split %s)", source, split)
-    try:
-        rows = datasets.load_dataset(source, split=split)
-    except Exception as err:  # noqa: BLE001 - datasets raises many types; all mean "could not load this id"
-        raise UserError(f"could not load the dataset '{source}' (split {split}): {type(err).__name__}: "
-                        f"{str(err)[:300]}", where="data.train_path",
-                        fix="check the id and split (data.hub_split), your network and HF_TOKEN, "
-                            "or point data.train_path at a local JSONL file") from err
-    return [(f"{source}[{split}] row {i}", dict(row)) for i, row in enumerate(rows)]
-
-
-def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
-    rows = list(iter_jsonl(path, fix=ROW_FORMAT))
-    if not rows:
-        raise UserError(f"{path} has no rows", where=str(path), fix=ROW_FORMAT)
-    return rows
-
-
-def to_messages(row, where: str) -> list[dict]:
-    """A validated list of chat messages for one row; a malformed row names its file and line."""
-    if isinstance(row, dict) and "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UserError("'messages' must be a non-empty list", where=where, fix=ROW_FORMAT)
-        for i, msg in enumerate(messages):
-            if not (isinstance(msg, dict) and msg.get("role") in ROLES and isinstance(msg.get("content"), str)):
-                raise UserError(f"message {i} needs a role in {sorted(ROLES)} and a string content, got "
-                                + _describe_message(msg), where=where, fix=ROW_FORMAT)
-        if not any(m["role"] == "assistant" for m in messages):
-            raise UserError("the row has no assistant message, so nothing to learn", where=where, fix=ROW_FORMAT)
-        return _refuse_empty_answers([{"role": m["role"], "content": m["content"]} for m in messages], where)
-    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
-        system = [{"role": "system", "content": row["system"]}] if isinstance(row.get("system"), str) else []
-        return _refuse_empty_answers(system + [{"role": "user", "content": row["prompt"]},
-                                               {"role": "assistant", "content": row["response"]}], where)
-    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise UserError(f"malformed row (keys: {keys})", where=where, fix=ROW_FORMAT)
-
-
-def _describe_message(msg) -> str:
-    """The role and the content's type first: a long content must not hide the role being complained about."""
-    if not isinstance(msg, dict):
-        return f"a {type(msg).__name__}"
-    return f"role {msg.get('role')!r} and content of type {type(msg.get('content')).__name__}"
-
-
-def _refuse_empty_answers(messages: list[dict], where: str) -> list[dict]:
-    """An empty assistant content trains on the end-of-turn token alone: it teaches the model to say nothing."""
-    for i, msg in enumerate(messages):
-        if msg["role"] == "assistant" and not msg["content"].strip():
-            raise UserError(f"message {i} (assistant) has empty content: this row would teach the model to answer "
-                            "with nothing", where=where, fix="remove the row or give it its answer")
-    return messages
 
 
 # ---------------------------------------------------------------- formatting and labels
@@ -162,9 +85,10 @@ def label_tokens(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], i
     return labels
 
 
-def encode_rows(tokenizer, rows: list[tuple[str, dict]], max_seq_len: int, stats: DataStats) -> list[Example]:
+def encode_rows(tokenizer, rows: list[tuple[str, dict]], max_seq_len: int, stats: DataStats,
+                shape: Shape | str = "auto") -> list[Example]:
     """Tokenize every row (one batched fast-tokenizer call), label assistant tokens, truncate and count."""
-    rendered = [render_with_spans(tokenizer, to_messages(row, where), where) for where, row in rows]
+    rendered = [render_with_spans(tokenizer, to_messages(row, where, shape), where) for where, row in rows]
     # The template already wrote <|begin_of_text|>; add_special_tokens would add a second one.
     enc = tokenizer([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     examples = []
@@ -368,14 +292,21 @@ class Batches:
 class Rows:
     source: str
     rows: list  # (where, row) pairs, every row already checked by to_messages
+    eval_rows: list | None = None  # data.eval_path's rows, checked the same way
+    eval_source: str | None = None
 
 
 def read_data(cfg: DataConfig) -> Rows:
     """Read and check every row without a tokenizer, so a bad data file fails before the base downloads."""
-    rows, source = read_rows(cfg.train_path, cfg.hub_split)
-    for where, row in rows:
-        to_messages(row, where)
-    return Rows(source, rows)
+    # several sources: a mixture of all their rows, each still named by its own file and line
+    read = [read_rows(path, cfg.hub_split) for path in
+            (cfg.train_path if isinstance(cfg.train_path, list) else [cfg.train_path])]
+    rows, source = [row for part, _ in read for row in part], " + ".join(name for _, name in read)
+    eval_rows, eval_source = (read_rows(cfg.eval_path, cfg.hub_split, key="data.eval_path")
+                              if cfg.eval_path is not None else (None, None))
+    for where, row in rows + (eval_rows or []):
+        to_messages(row, where, Shape.of(cfg))
+    return Rows(source, rows, eval_rows, eval_source)
 
 
 @dataclass(frozen=True)
@@ -386,28 +317,65 @@ class Encoded:
     collate: Collator
     seed: int  # the data order's seed (train.seed + data.shuffle_seed)
     stats: DataStats
+    held_out: list = field(default_factory=list)  # eval_loss's items (packed like `items`), never trained on
+    held_out_tokens: int = 0
 
     def batches(self, micro_batch_size: int, *, rank: int = 0, world_size: int = 1, grad_accum: int = 1) -> Batches:
         return Batches(self.items, micro_batch_size, self.seed, self.collate, rank, world_size, grad_accum)
 
 
+EVAL_SPLIT_SEED = 7919  # added to data.shuffle_seed: the held-out choice does not follow the packing order's seed
+
+
+def split_held_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(training, held out): a seeded `fraction` of the examples (at least one), in file order, before packing."""
+    n_eval = max(1, round(fraction * len(examples)))
+    if n_eval >= len(examples):
+        raise UserError(f"data.eval_fraction={fraction} of {len(examples)} examples leaves nothing to train on",
+                        where="data.eval_fraction", fix="add data, or lower data.eval_fraction (e.g. 0.02)")
+    gen = torch.Generator().manual_seed(seed + EVAL_SPLIT_SEED)
+    chosen = set(torch.randperm(len(examples), generator=gen)[:n_eval].tolist())
+    return ([ex for i, ex in enumerate(examples) if i not in chosen],
+            [ex for i, ex in enumerate(examples) if i in chosen])
+
+
 def encode_data(cfg: DataConfig, data: Rows, tokenizer, *, seed: int) -> Encoded:
-    """Format, label, truncate and optionally pack; the micro-batching comes later (it may depend on a probe)."""
+    """Format, label, truncate, hold out the eval set and optionally pack; the micro-batching comes later (it may
+    depend on a probe)."""
     rows, source = data.rows, data.source
     stats = DataStats(source=source)
-    examples = encode_rows(tokenizer, rows, cfg.max_seq_len, stats)
+    examples = encode_rows(tokenizer, rows, cfg.max_seq_len, stats, Shape.of(cfg))
+    held_out: list[Example] = []
+    if cfg.eval_fraction > 0:
+        examples, held_out = split_held_out(examples, cfg.eval_fraction, cfg.shuffle_seed)
+        stats.held_out, stats.examples = len(held_out), len(examples)
+        stats.tokens -= sum(len(ex.input_ids) for ex in held_out)
+        stats.label_tokens -= sum(sum(label != IGNORE_INDEX for label in ex.labels) for ex in held_out)
+    elif data.eval_rows is not None:
+        held_out = encode_rows(tokenizer, data.eval_rows, cfg.max_seq_len, DataStats(source=data.eval_source),
+                               Shape.of(cfg))
+        if not held_out:
+            raise UserError("no eval examples left after formatting", where="data.eval_path",
+                            fix="check the eval file and data.max_seq_len")
     items: list = examples
+    eval_items: list = held_out
     if cfg.packing:
         # Pack in a seeded order so rows mix examples from across the file, not neighbours only.
         gen = torch.Generator().manual_seed(cfg.shuffle_seed)
         items = pack([examples[i] for i in torch.randperm(len(examples), generator=gen).tolist()], cfg.max_seq_len)
+        eval_items = pack(held_out, cfg.max_seq_len)  # the same rows as training: same kernel, same loss
         stats.packed_rows = len(items)
     if stats.truncated:
         log.warning("data: %d of %d examples were longer than max_seq_len=%d and were truncated",
-                    stats.truncated, stats.examples + stats.dropped, cfg.max_seq_len)
+                    stats.truncated, stats.examples + stats.held_out + stats.dropped, cfg.max_seq_len)
     log.info("data: %s", stats.describe())
+    if held_out:
+        log.info("eval: %d held-out examples (%s), %d tokens: eval_loss at every train.eval_every steps",
+                 len(held_out), data.eval_source or f"data.eval_fraction={cfg.eval_fraction} of the training data",
+                 sum(len(ex.input_ids) for ex in held_out))
     collate = Collator(pad_id=_pad_id(tokenizer), packed=cfg.packing)
-    return Encoded(items, collate, seed + cfg.shuffle_seed, stats)
+    return Encoded(items, collate, seed + cfg.shuffle_seed, stats, eval_items,
+                   sum(len(ex.input_ids) for ex in held_out))
 
 
 def build_data(cfg: DataConfig, data: Rows, tokenizer, *, micro_batch_size: int, seed: int,

@@ -56,7 +56,7 @@ def _write_adapter(folder: Path, config: PhaseConfig, model, base, runtime: Runt
                    config_hash=sha256_json(config.to_dict()), training_hash=training_hash(config),
                    adapter_hash=sha256_file(folder / ADAPTER_WEIGHTS), lora=lora_record(config.lora),
                    trained_on_quantized=False, allowed_unvalidated=base.unvalidated_warning, steps=result.steps,
-                   final_loss=result.final_loss)
+                   final_loss=result.final_loss, eval_loss=result.eval_loss, eval_step=result.eval_step)
 
 
 def finished_adapter(config: PhaseConfig, total_steps: int) -> dict | None:
@@ -75,6 +75,13 @@ def next_command(phase: str, overrides: list[str]) -> str:
     return f"make merge PHASE={phase}{args}"
 
 
+def _eval_text(config: PhaseConfig, result: Result) -> str:
+    if result.eval_loss is not None:
+        return f"   eval_loss {result.eval_loss:.4f} (held out, step {result.eval_step})"
+    has_eval = config.data.eval_fraction > 0 or config.data.eval_path is not None
+    return "   eval_loss n/a" + ("" if has_eval else " (no held-out set: data.eval_fraction, data.eval_path)")
+
+
 def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | None, next_step: str) -> str:
     """The one-screen report printed at the end of a run."""
     run_dir = config.run_dir
@@ -86,7 +93,7 @@ def summary(config: PhaseConfig, result: Result, adapter: Path, plot: Path | Non
     lines = [
         f"== {config.name}: training done ==",
         f"  steps        {result.steps}" + (f" (resumed from {result.resumed_from})" if result.resumed_from else ""),
-        f"  final loss   {loss}",
+        f"  final loss   {loss}" + _eval_text(config, result),
         f"  tokens/s     {tps} real (non-pad)   MFU {mfu}   padding {padding}",
         f"  memory       peak {result.peak_mem_gib:.2f} GiB   wall {result.seconds:.0f} s",
         f"  adapter      {adapter}",

@@ -10,6 +10,8 @@ all-reduced once per optimizer step, rank 0 alone writes checkpoints, logs and t
 is saved beside the others (rng-rank<k>.pt), so the resume is exact with N processes too.
 """
 
+# long-file: the loop and every piece of state its exact resume restores belong together (eval: train/heldout.py)
+
 from __future__ import annotations
 
 import logging
@@ -34,6 +36,7 @@ from cogumi.train import distributed
 from cogumi.train.checkpoints import latest_complete, list_complete, measured_checkpoint_size, save_checkpoint
 from cogumi.train.data import BatchCounts, Batches
 from cogumi.train.flops import matmul_sizes, peak_tflops
+from cogumi.train.heldout import eval_row
 from cogumi.train.layout import Layout, write_layout
 from cogumi.train.model import Runtime, trainable_parameters
 from cogumi.train.packed_attention import batch_to_device, require_packed_attention
@@ -49,7 +52,11 @@ RNG_FILE = "rng-rank{rank}.pt"
 # into micro-batch x accumulation is one of them (the hash records the effective batch instead); memory and speed
 # settings are others.
 _NOT_TRAINING = {"train": {"log_every", "report_to", "device", "liger", "attention", "gradient_checkpointing",
-                           "checkpoint_layers", "memory_budget_gib", "micro_batch_size", "grad_accum"}}
+                           "checkpoint_layers", "memory_budget_gib", "micro_batch_size", "grad_accum", "eval_every"},
+                 "data": {"eval_path"}}  # what eval_loss is measured on does not change the training
+# Keys added after checkpoints already existed: left out of the hash at their defaults, so such a checkpoint still
+# resumes (B53). Any other value changes what is trained (eval_fraction takes examples out) and is in the hash.
+_LEFT_OUT_AT_DEFAULT = {"data": {"format": "auto", "eval_fraction": 0.0, "columns": {}, "roles": {}}}
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,8 @@ class Result:
     resumed_from: str | None
     mfu: float | None = None
     padding: float | None = None
+    eval_loss: float | None = None  # the held-out loss at the last step; None without a held-out set
+    eval_step: int | None = None
 
 
 def effective_batch(config: PhaseConfig) -> int:
@@ -110,7 +119,10 @@ def training_settings(config: PhaseConfig) -> dict:
     """What is trained: base, data, LoRA and the train.* keys that change the result (not speed or memory)."""
     values = config.to_dict()
     picked = {k: values[k] for k in ("base_model", "data", "lora", "train")}
-    picked["train"] = {k: v for k, v in picked["train"].items() if k not in _NOT_TRAINING["train"]}
+    for section in ("data", "train"):
+        defaults = _LEFT_OUT_AT_DEFAULT.get(section, {})
+        picked[section] = {k: v for k, v in picked[section].items() if k not in _NOT_TRAINING[section]
+                           and not (k in defaults and v == defaults[k])}
     picked["train"]["effective_batch"] = effective_batch(config)
     return picked
 
@@ -207,7 +219,7 @@ class Trainer:
     """Owns the optimizer, scheduler and step counter; `fit()` runs the loop to plan.total_steps."""
 
     def __init__(self, config: PhaseConfig, model, batches: Batches, runtime: Runtime, plan: TrainPlan, layout: Layout,
-                 *, checkpoint_estimate: int):
+                 *, checkpoint_estimate: int, held_out: list | None = None):
         from transformers import get_scheduler
 
         self.config, self.model, self.batches, self.runtime = config, model, batches, runtime
@@ -232,6 +244,9 @@ class Trainer:
         self.last_loss: float | None = None
         self.last_tps: float | None = None
         self.run_counts, self.run_flops = BatchCounts(), 0.0  # this process's, for the summary
+        self.held_out = held_out or []
+        self.eval_every = t.eval_every or config.checkpoints.save_steps
+        self.last_eval: tuple[int, float] | None = None
         # Per-rank seeds: dropout on two ranks must not draw the same masks. Rank 0 keeps the one-process stream.
         seed_everything(t.seed + runtime.rank)
 
@@ -346,6 +361,10 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == self.plan.total_steps:
                     self._log(window.close())  # every rank: the window's loss and tokens are summed over ranks
                     bar.set_postfix(loss=f"{self.last_loss:.4f}", tok_s=f"{self.last_tps:.0f}")
+                if self.held_out and (self.step % self.eval_every == 0 or self.step == self.plan.total_steps):
+                    # before the save (a resume cuts the log back to the checkpoint's step); its seconds are not
+                    # training time, so tokens/s leaves them out
+                    window.since += self._log_eval()
                 if self.step % self.config.checkpoints.save_steps == 0 or self.step == self.plan.total_steps:
                     self.save()
         finally:
@@ -355,7 +374,9 @@ class Trainer:
         return Result(self.step, self.last_loss, counts.tokens * self.layout.world_size / seconds if counts.tokens
                       else None, peak_mem_gib(self.runtime.device), seconds, self.resumed_from,
                       mfu=self.run_flops / seconds / 1e12 / self.peak_tflops if self.peak_tflops else None,
-                      padding=1 - counts.tokens / counts.slots if counts.slots else None)
+                      padding=1 - counts.tokens / counts.slots if counts.slots else None,
+                      eval_loss=self.last_eval[1] if self.last_eval else None,
+                      eval_step=self.last_eval[0] if self.last_eval else None)
 
     def _optimizer_step(self, max_grad_norm: float) -> tuple[torch.Tensor, BatchCounts]:
         """grad_accum micro-batches through cogumi.train.step.accumulate, clip, step; returns (loss, counts).
@@ -387,6 +408,21 @@ class Trainer:
         append_row(self.log_path, row)
         self.tracker.log(row)  # tensorboard / wandb, when train.report_to asks for them
         log.debug("step %d: %s", self.step, row)
+
+
+    # -- held-out loss
+
+    def _log_eval(self) -> float:
+        """Evaluate, log the row on rank 0; returns the seconds it took."""
+        row = eval_row(self.step, self.model, self.engine, self.held_out, self.batches.collate,
+                       self.layout.micro_batch_size, self.runtime)
+        self.last_eval = (self.step, row["eval_loss"])
+        if self.runtime.is_main:
+            append_row(self.log_path, row)
+            self.tracker.log(row)
+            log.info("step %d: eval_loss %.4f over the %d answer tokens of the held-out set", self.step,
+                     row["eval_loss"], row["eval_tokens"])
+        return row["eval_s"]
 
 
 def wrap_for_distributed(model, runtime: Runtime):
