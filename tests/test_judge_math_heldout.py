@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cogumi.evaluate.records import Problem
-from cogumi.evaluate.sources import math_prompt
+from cogumi.evaluate.sources import load_task, math_gold, math_prompt
 from cogumi.evaluate.tasks import judge_math_outputs
 from cogumi.judge.judge_math import extract_answer_with_source, judge_math
 
@@ -62,3 +62,11 @@ def test_an_unreadable_gold_falls_back_to_normalized_strings_before_a_judge_erro
     assert judge_math("\\boxed{x \\neq 2}", "x \\ne 2").reason == (
         "passed (normalized strings (the parser cannot read them))")
     assert judge_math("\\boxed{x \\neq 3}", "x \\ne 2").judge_error  # undecided stays undecided
+
+
+def test_a_math_gold_with_several_boxed_roots_keeps_them_all():
+    solution = "We plug both values back in; both work. Therefore, the answers are $\\boxed{-2}$ and $\\boxed{1}$."
+    assert math_gold(solution, "Find all solutions to the equation $\\sqrt{3x+6}=x+2$.") == "-2, 1"
+    assert math_gold(solution, "What is the larger solution?") == "1"
+    golds = {p.id: p.answer for p in load_task("math") if p.id in ("math/algebra/414", "math/precalculus/406")}
+    assert golds == {"math/algebra/414": "-2, 1", "math/precalculus/406": "\\frac{\\pi}{4}, \\frac{5\\pi}{4}"}
