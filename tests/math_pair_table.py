@@ -4,7 +4,7 @@ Each class takes hand-chosen values and writes each value the ways a model or a 
 is equal follows from the rule named in the row, the one a careful human grader applies (written out in
 cogumi.judge.judge_math's docstring). Values were chosen to include the traps that fooled the old judge:
 huge integers one apart, tiny numbers against zero, anagrams, mixed numbers read as products, percent signs.
-`_held_out()` adds the forms the judge got wrong on held-out MATH pairs (issue 22, ISSUES_LOG B65-B67), each row
+`_held_out()` adds the forms the judge got wrong on held-out MATH pairs (ISSUES_LOG B67, B68), each row
 in the class it belongs to, naming its rule.
 """
 
@@ -256,7 +256,7 @@ PLACE_NAMES = {1: "tenth", 2: "hundredth", 3: "thousandth", 4: "ten-thousandth"}
 
 
 def _held_out() -> list[Pair]:
-    """Issue 22: the classes of held-out MATH pairs the judge got wrong (math-verify 0.9.0 got them right)."""
+    """ISSUES_LOG B67, B68: the classes of held-out MATH pairs the judge got wrong (math-verify 0.9.0 got them right)."""
     out = []
     rule = "a percent answer is right where the question asks for a percent"
     for n in HELD_OUT_INTS:

@@ -1,5 +1,5 @@
-"""Issue 22's held-out MATH classes the judge got wrong: answer markers, several boxed roots, and the rules that
-read the question (ISSUES_LOG B65-B67). The equivalence rows themselves are in tests/math_pair_table.py."""
+"""Held-out MATH classes the judge got wrong: answer markers, several boxed roots, and the rules that
+read the question (ISSUES_LOG B65-B68). The equivalence rows themselves are in tests/math_pair_table.py."""
 
 from __future__ import annotations
 
