@@ -256,7 +256,7 @@ PLACE_NAMES = {1: "tenth", 2: "hundredth", 3: "thousandth", 4: "ten-thousandth"}
 
 
 def _held_out() -> list[Pair]:
-    """ISSUES_LOG B67, B68: the classes of held-out MATH pairs the judge got wrong (math-verify 0.9.0 got them right)."""
+    """ISSUES_LOG B67, B68: the classes of held-out MATH pairs the judge got wrong (math-verify 0.9.0 right)."""
     out = []
     rule = "a percent answer is right where the question asks for a percent"
     for n in HELD_OUT_INTS:

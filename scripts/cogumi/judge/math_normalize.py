@@ -5,7 +5,10 @@ exact string comparison (the MATH paper's rule). What they do, in order:
   * `\\dfrac`/`\\tfrac` -> `\\frac`; `\\left`/`\\right`, `\\!`, thin spaces, `\\displaystyle`, `^\\circ`, `$` dropped;
   * thousands separators in a lone number: `1,000`, `1{,}000`, `1,\\!000`, `1\\,000` -> `1000`;
   * `%`/`\\%` dropped (`is_percent` says whether it was there: the judge compares percent-ness itself);
-  * a trailing `\\text{ unit}` or bare unit word after a number dropped, other `\\text{X}` unwrapped;
+  * a trailing `\\text{ unit}` or bare unit word after a number (or `\\pi`) dropped, also words outside the
+    unit list (`5 marbles`), other `\\text{X}` unwrapped; a leading `\\approx` dropped;
+  * `6.72e-5` -> `6.72 \\times 10^{-5}`; `x \\in (1, 2]` -> `(1, 2]`; `(a, b) = (1, 2)` -> `(1, 2)`;
+    `x = 3, x = 5` -> `3, 5`; an inequality in one variable -> its interval (`x \\ge 2` -> `[2, \\infty)`);
   * `5.00` -> `5`, `.5` -> `0.5`; `x = 5` -> `5` (left side up to 2 characters, the MATH paper's rule);
   * `\\frac12` -> `\\frac{1}{2}`, `\\sqrt3` -> `\\sqrt{3}`, `a/b` -> `\\frac{a}{b}`;
   * mixed numbers `2\\frac{1}{4}` -> `\\frac{9}{4}` (an integer then a proper fraction of integers: in a final
