@@ -34,8 +34,11 @@ def test_several_boxes_are_one_list_where_the_question_asks_for_all_solutions():
     assert extract_answer_with_source(TWO_BOXES, question=ALL_ROOTS) == ("2, 3", "several boxes")
     assert judge_math(TWO_BOXES, "2, 3", question=ALL_ROOTS).passed
     assert judge_math(TWO_BOXES, "3, 2", question=ALL_ROOTS).passed
-    # a question that asks for one value keeps the last box
+    # a question that asks for one value keeps the last box, also one made of all the solutions
     assert extract_answer_with_source(TWO_BOXES, question="What is the larger root?") == ("3", "boxed")
+    summed = TWO_BOXES + " Their sum is $\\boxed{5}$."
+    assert extract_answer_with_source(summed, question="Find the sum of all solutions of $x^2-5x+6=0$.") == (
+        "5", "boxed")
     # a box far up in the working is not part of the answer; the same root boxed twice is one root
     far = "The discriminant is $\\boxed{1}$. " + "Then we factor. " * 10 + TWO_BOXES
     assert extract_answer_with_source(far, question=ALL_ROOTS) == ("2, 3", "several boxes")

@@ -70,13 +70,24 @@ def last_boxed(text: str | None) -> str | None:
 # The question wants every solution: "find all roots", "all real values of x", "separated by commas"
 _ASKS_FOR_ALL = re.compile(r"\ball\b[^.?$]{0,40}?\b(?:roots?|solutions?|values?|zeros?|numbers?|integers?|pairs?)\b"
                            r"|\ball\s+(?:real\s+|complex\s+)?[a-z]\b|separated\s+by\s+commas|comma[- ]separated", re.I)
+# ... unless it asks for one number made of them: "the sum of all solutions", "how many values"
+_ONE_VALUE_OF_ALL = re.compile(r"\b(?:sum|product|number|average|mean|total|count|median|least|greatest|largest|"
+                               r"smallest)\s+(?:of\s+)?(?:the\s+)?(?:\w+\s+of\s+)?all\b|\bhow\s+many\b", re.I)
+_LIST_WANTED = re.compile(r"separated\s+by\s+commas|comma[- ]separated", re.I)
 _BOX_GAP = 100  # boxes at most this many characters apart, at the end of the output, are one answer
+
+
+def asks_for_all(question: str | None) -> bool:
+    """The question wants every solution as the answer (not their sum or count)."""
+    if not question or not _ASKS_FOR_ALL.search(question):
+        return False
+    return bool(_LIST_WANTED.search(question)) or not _ONE_VALUE_OF_ALL.search(question)
 
 
 def several_boxed(text: str, question: str | None) -> str | None:
     """`\\boxed{2} and \\boxed{3}` -> `2, 3` when the question asks for all solutions and the output ends on
     several boxes close together (a box further up is working, not the answer); None otherwise."""
-    if not question or not _ASKS_FOR_ALL.search(question):
+    if not asks_for_all(question):
         return None
     spans = boxed_spans(text)
     run = spans[-1:]
