@@ -27,7 +27,7 @@ def test_every_class_has_at_least_100_pairs_with_both_verdicts():
 def test_the_judge_agrees_with_every_pair():
     wrong, undecided = [], []
     for pair in PAIRS:
-        result = compare(pair.pred, pair.gold, timeout_s=10.0)
+        result = compare(pair.pred, pair.gold, timeout_s=10.0, question=pair.question)
         if result.equal is None:
             undecided.append((pair, result.cause))
         elif result.equal != pair.equal:

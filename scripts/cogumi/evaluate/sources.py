@@ -31,7 +31,7 @@ from cogumi.core import hub
 from cogumi.core.errors import UserError
 from cogumi.core.fsutil import iter_jsonl
 from cogumi.evaluate.records import Problem
-from cogumi.judge.judge_math import last_boxed
+from cogumi.judge.math_extract import last_boxed, several_boxed
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,19 @@ def math_prompt(problem: str) -> str:
     return f"{problem.strip()}\n\n{MATH_INSTRUCTION}"
 
 
+def math_gold(solution: str, problem: str) -> str | None:
+    """A MATH solution's final answer: its last box, or all of its closing boxes where the problem asks for all
+    solutions ("the answers are $\\boxed{-2}$ and $\\boxed{1}$" is -2, 1, not 1: ISSUES_LOG B66)."""
+    return several_boxed(solution, problem) or last_boxed(solution)
+
+
 def _math_problems() -> list[Problem]:
     out = []
     for subject in MATH_SUBJECTS:
         for doc in olmo_docs(f"minerva_math_{subject}"):
             level = int(str(doc["level"]).removeprefix("Level ").strip() or 0) if doc.get("level") else None
             out.append(Problem(task="math", id=f"math/{subject}/{doc['index']}", prompt=math_prompt(doc["problem"]),
-                               answer=last_boxed(doc["solution"]), reference=doc["solution"],
+                               answer=math_gold(doc["solution"], doc["problem"]), reference=doc["solution"],
                                meta={"source": "math", "level": level, "type": doc["type"],
                                      "answer_field": doc.get("answer")}))
     return out
@@ -106,7 +112,7 @@ def _math500_problems() -> list[Problem]:
     for doc in olmo_docs("minerva_math_500"):
         prompt = math_prompt(doc["problem"])
         out.append(Problem(task="math", id=f"math500/{doc['index']}", prompt=prompt,
-                           answer=last_boxed(doc["solution"]), reference=doc["solution"],
+                           answer=math_gold(doc["solution"], doc["problem"]), reference=doc["solution"],
                            meta={"source": "math500", "level": doc["level"], "type": types.get(prompt),
                                  "answer_field": doc.get("answer")}))
     return out

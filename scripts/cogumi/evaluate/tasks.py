@@ -19,7 +19,7 @@ JUDGE_WORKERS = max(1, min(8, (os.cpu_count() or 2) // 2))
 def judge_math_outputs(problems: list[Problem], outputs: list[str], capped: set[int] = frozenset()) -> list[Verdict]:
     from cogumi.judge.judge_math import judge_math
 
-    return [judge_math(out, p.answer, hit_token_limit=i in capped)
+    return [judge_math(out, p.answer, hit_token_limit=i in capped, question=p.prompt)
             for i, (p, out) in enumerate(zip(problems, outputs, strict=True))]
 
 

@@ -15,23 +15,38 @@ log = logging.getLogger(__name__)
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
 
+def _defines(code: str, name: str) -> bool:
+    """`code` defines a function `name` (a regex: `\\w+` is any function)."""
+    return bool(re.search(rf"^\s*(?:async\s+)?def\s+{name}\s*\(", code, re.M))
+
+
+def pick_block(text: str, entry_point: str | None = None) -> str:
+    """The code block that holds the solution: the last block that defines the entry point (any function when
+    the problem names none), else the last ```python block, else the last ``` block, else the raw text. A solution
+    is often followed by an "Example usage" block that only calls it; taking that one fails a right answer
+    (ISSUES_LOG B64)."""
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
+    python = [body for lang, body in blocks if lang in ("python", "py", "python3")] or [body for _, body in blocks]
+    defining = [body for _, body in blocks
+                if (_defines(body, re.escape(entry_point)) if entry_point else _defines(body, r"\w+"))]
+    if defining:
+        return defining[-1]
+    return python[-1] if python else text
+
+
 def extract_program(output: str | None, problem: Problem | None = None) -> str:
-    """The program in a model's output: the last ```python block (else the last ``` block, else the raw text).
+    """The program in a model's output: the block `pick_block` chooses.
 
     HumanEval: the problem's prompt (imports, helper functions, signature) goes first; a completion that is only
     the body continues the prompt's function, a full function redefines it.
     """
-    text = output or ""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
-    python = [body for lang, body in blocks if lang in ("python", "py", "python3")]
-    code = python[-1] if python else blocks[-1][1] if blocks else text
+    code = pick_block(output or "", problem.entry_point if problem is not None else None)
     # A fence the regex did not pair (a lone closing ``` after a bare program) is never Python: drop it.
     code = "\n".join(line for line in code.split("\n") if not line.strip().startswith("```")).strip("\n")
     header = (problem.meta.get("code_prompt") if problem is not None else None) or ""
     if header:
         entry = problem.entry_point
-        defines_entry = bool(entry and re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M))
-        if defines_entry:
+        if entry and _defines(code, re.escape(entry)):
             return f"{header}\n\n{code}\n"
         body = code if code.startswith((" ", "\t")) else "\n".join("    " + line for line in code.splitlines())
         return f"{header}{body}\n"

@@ -1,13 +1,18 @@
 """MATH judge: pull the final answer out of a model's output (math_extract) and compare it with the gold.
 
-`compare(pred, gold)` decides in this order, each step final when it applies:
+`compare(pred, gold, question=...)` decides in this order, each step final when it applies:
   1. multiple choice: a gold `(C)`/`C` needs the same letter;
-  2. percent: a pred written as a percentage equals only a gold that is one (`18%` is not gold 18);
+  2. percent: a pred written as a percentage equals only a gold that is one (`18%` is not gold 18), unless the
+     question asks for a percent ("what percent of ...": then gold 18 is `18\\%`);
   3. words: a `\\text{}`/plain-word answer is compared as lower-case words, never as symbols (`east` != `seat`);
   4. `normalize` both (math_normalize: separators, units, degrees, mixed numbers, repeating decimals, ...) and
      compare the strings;
-  5. math_equal in a worker process with a hard time limit: exact numbers, the gold's stated decimal precision,
-     symbolic expressions, tuples/intervals/sets/unions, equations.
+  5. math_equal in a worker process with a hard time limit: exact numbers, a rounded gold's stated decimal
+     precision (rounded: the question asks to round or approximate, or the gold says `\\approx`; with no
+     question known every decimal gold is taken as rounded), symbolic expressions, tuples/intervals/sets/unions,
+     equations;
+  6. a gold the parser cannot read (an inequality form it does not know, odd text) equals a pred that is the
+     same string once spacing, braces and relation spellings are evened out; only otherwise a judge error.
 A comparison the judge cannot finish (the worker timed out, died or could not start; valid LaTeX the parser does
 not know; a gold it cannot read) is a judge error, never a wrong answer: `judge_math` returns a Verdict with
 judge_error=True and the real cause (ISSUES_LOG B11).
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import select
 import subprocess
 import sys
@@ -113,7 +119,7 @@ class _SympyWorker:
                     pass
         self._proc, self._stderr = None, None
 
-    def compare(self, pred: str, gold: str, timeout_s: float) -> Comparison:
+    def compare(self, pred: str, gold: str, timeout_s: float, rounded: bool = True) -> Comparison:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._stop()
@@ -121,7 +127,7 @@ class _SympyWorker:
                 if cause:
                     return Comparison(None, cause)
             try:
-                self._proc.stdin.write(json.dumps([pred, gold]) + "\n")
+                self._proc.stdin.write(json.dumps([pred, gold, rounded]) + "\n")
                 self._proc.stdin.flush()
                 answer = self._readline(timeout_s)
             except (OSError, ValueError):
@@ -144,14 +150,46 @@ class _SympyWorker:
 _WORKER = _SympyWorker()
 
 
-def compare(pred: str | None, gold: str | None, timeout_s: float = 2.0) -> Comparison:
-    """Whether `pred` is the gold answer, and the rule that decided (see the module docstring)."""
+# The question asks for a percentage ("What percent of ...?", "express it as a percent"), not merely mentions one
+# ("20 percent are boys; how many girls?" asks for a count: 18% is not gold 18 there)
+_ASKS_PERCENT = re.compile(r"\b(?:what|which|how\s+many|by\s+how\s+much)\b[^.?!]{0,40}?(?:\bpercent(?:age)?\b|\\?%)"
+                           r"|\b(?:as|in|into)\s+(?:a\s+)?(?:percent(?:age)?s?\b|\\?%)", re.I)
+# The question asks for a rounded value: "to the nearest tenth", "round to two decimal places", "approximately"
+_ASKS_ROUNDING = re.compile(r"\bround(?:ed|ing)?\b|\bnearest\b|\bdecimal\s+places?\b|\bsignificant\s+(?:figures|digits)"
+                            r"|\bapproximat(?:e|ely|ion)\b|\bestimate\b|\b(?:tenths?|hundredths?|thousandths?)\b", re.I)
+
+
+def asks_for_percent(question: str | None) -> bool:
+    return bool(question) and bool(_ASKS_PERCENT.search(question))
+
+
+def gold_is_rounded(gold: str, question: str | None) -> bool:
+    """Whether a decimal gold is a rounded value (then a finer decimal that rounds to it is right) or an exact
+    one (then only its value is): from the gold's form (`\\approx`) and the problem (does it ask to round?).
+    With no question known, the old rule: every decimal gold states its precision."""
+    if re.search(r"\\approx|≈", gold):
+        return True
+    return question is None or bool(_ASKS_ROUNDING.search(question))
+
+
+def _loose(s: str) -> str:
+    """normalize, and relation spellings, braces and `\\text` evened out: the last resort for an unreadable gold."""
+    s = normalize(s)
+    s = re.sub(r"\\geqslant|\\geq|\\ge(?![a-z])|>=|≥", ">=", s)
+    s = re.sub(r"\\leqslant|\\leq|\\le(?![a-z])|<=|≤", "<=", s)
+    s = re.sub(r"\\neq|\\ne(?![a-z])|≠", "!=", s)
+    return s.replace("{", "").replace("}", "").replace("\\", "").lower()
+
+
+def compare(pred: str | None, gold: str | None, timeout_s: float = 2.0, question: str | None = None) -> Comparison:
+    """Whether `pred` is the gold answer, and the rule that decided (see the module docstring). question: the
+    problem's text, when known (percent and rounding rules read it)."""
     if pred is None or gold is None or not normalize(pred) or not normalize(gold):
         return Comparison(False, "empty")
     letter = choice_letter(gold)
     if letter is not None:
         return Comparison(choice_letter(pred) == letter, "choice letter")
-    if is_percent(pred) and not is_percent(gold):
+    if is_percent(pred) and not is_percent(gold) and not asks_for_percent(question):
         return Comparison(False, "percent against a gold that is not a percentage")
     words_pred, words_gold = word_answer(pred), word_answer(gold)
     if words_pred is not None or words_gold is not None:
@@ -162,7 +200,11 @@ def compare(pred: str | None, gold: str | None, timeout_s: float = 2.0) -> Compa
     a, b = normalize(pred), normalize(gold)
     if a == b:
         return Comparison(True, "normalized strings")
-    return _WORKER.compare(canonical(pred), canonical(gold), timeout_s)
+    result = _WORKER.compare(canonical(pred), canonical(gold), timeout_s, gold_is_rounded(gold, question))
+    if result.equal is None and result.cause.startswith("parser"):  # LaTeX it does not know, or an unreadable gold
+        if _loose(pred) == _loose(gold):
+            return Comparison(True, "normalized strings (the parser cannot read them)")
+    return result
 
 
 def is_equiv(pred: str | None, gold: str | None, timeout_s: float = 2.0) -> bool:
@@ -171,18 +213,19 @@ def is_equiv(pred: str | None, gold: str | None, timeout_s: float = 2.0) -> bool
     return compare(pred, gold, timeout_s).equal is True
 
 
-def judge_math(output: str | None, gold: str | None, *, timeout_s: float = 2.0,
-               hit_token_limit: bool = False) -> Verdict:
+def judge_math(output: str | None, gold: str | None, *, timeout_s: float = 2.0, hit_token_limit: bool = False,
+               question: str | None = None) -> Verdict:
     """Judge one model output against the gold final answer. Never raises for odd text.
 
     hit_token_limit: the output was cut off at max_new_tokens (then there is no last-number fallback).
+    question: the problem's text, when known: several boxed roots, percent answers and rounded golds depend on it.
     """
     try:
-        answer, source = extract_answer_with_source(output, hit_token_limit=hit_token_limit)
+        answer, source = extract_answer_with_source(output, hit_token_limit=hit_token_limit, question=question)
         if answer is None:
             reason = "no answer (cut off at the token limit)" if hit_token_limit else "no answer"
             return Verdict(False, reason, None)
-        result = compare(answer, gold, timeout_s=timeout_s)
+        result = compare(answer, gold, timeout_s=timeout_s, question=question)
     except Exception as exc:  # a judge bug must not take the benchmark down, nor count as a wrong answer
         log.exception("math judge error")
         return Verdict(False, f"judge_error: {type(exc).__name__}: {exc}", None, judge_error=True)
