@@ -7,7 +7,8 @@
 
 Switches (environment or make variables, cogumi.core.switches): RESUME=0 starts fresh (the existing run folder is
 moved aside once every check passed; nothing is deleted); ALLOW_UNVALIDATED=1 trains on a merged base without its
-VALIDATED stamp (recorded in the adapter's manifest); RESUME_CHANGED=1 resumes a checkpoint saved with different
+VALIDATED stamp (recorded in the adapter's manifest); PLAIN_BASE=1 takes a base folder shaped like a phase output but
+without manifest.json as a plain model (recorded too); RESUME_CHANGED=1 resumes a checkpoint saved with different
 training settings (the changed keys are logged). One run of a phase at a time (cogumi.core.runlock).
 
 The name is the original project's; it trains every phase. Exit codes: 0 done, 2 user error (nothing changed on
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fresh, allow_changed = not switch("RESUME"), switch("RESUME_CHANGED")
-    allow_unvalidated = switch("ALLOW_UNVALIDATED")
+    allow_unvalidated, plain_base = switch("ALLOW_UNVALIDATED"), switch("PLAIN_BASE")
     config = load_config(phase_config_path(args.phase), args.overrides)
     check_gates(config.validate.gates, list(config.validate.tasks), source=f"{args.phase}: validate.gates")
     runtime = resolve_runtime(config.train, packing=config.data.packing)
@@ -66,16 +67,17 @@ def main(argv: list[str] | None = None) -> int:
         # kernel that is wrong or does not compile on this stack refuses the run here, not at step 1 (B38, B40).
         require_kernels(applied, runtime.device, runtime.dtype, runtime.packed_kernel)
         return train(config, dataclasses.replace(runtime, fast_path=applied), args.phase, args.overrides,
-                     fresh=fresh, allow_unvalidated=allow_unvalidated, allow_changed=allow_changed)
+                     fresh=fresh, allow_unvalidated=allow_unvalidated, plain_base=plain_base,
+                     allow_changed=allow_changed)
 
 
 def train(config, runtime, phase: str, overrides: list[str], *, fresh: bool, allow_unvalidated: bool,
-          allow_changed: bool) -> int:
+          plain_base: bool, allow_changed: bool) -> int:
     log.info("config %s -> outputs in %s\n%s", phase, config.run_dir, _resolved_yaml(config))
     rows = read_data(config.data)  # a missing or malformed data file fails in seconds, not after a 16 GB download
     # Refuses quantized, unvalidated, changed-since-validated and misreadable bases, and unknown LoRA targets,
     # before any weight loads.
-    base = build_base(config, allow_unvalidated=allow_unvalidated)
+    base = build_base(config, allow_unvalidated=allow_unvalidated, plain_base=plain_base)
     # Rank 0 alone picks the checkpoint; every rank resumes from the path it broadcasts. Nothing is moved or
     # written until every check below passed (claim_run_dir): a refused run changes nothing on disk.
     resume_from = distributed.on_main(choose_resume, config, fresh=fresh)
