@@ -25,11 +25,12 @@ from contextlib import nullcontext
 
 from cogumi.core import runlock
 from cogumi.core.config import load_config, phase_config_path, save_resolved
-from cogumi.core.errors import EXIT_OK, run_main
+from cogumi.core.errors import EXIT_OK, note_on_interrupt, run_main
 from cogumi.core.switches import switch
 from cogumi.core.tracking import track_phase
 from cogumi.evaluate.pairing import check_gates
 from cogumi.train import distributed
+from cogumi.train.checkpoints import resume_note
 from cogumi.train.data import encode_data, read_data
 from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
 from cogumi.train.export import export_adapter, finished_adapter, next_command, summary
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     allow_unvalidated, plain_base = switch("ALLOW_UNVALIDATED"), switch("PLAIN_BASE")
     config = load_config(phase_config_path(args.phase), args.overrides)
     check_gates(config.validate.gates, list(config.validate.tasks), source=f"{args.phase}: validate.gates")
+    note_on_interrupt(lambda: resume_note(config.run_dir, fresh=fresh))  # the Ctrl-C line says where a rerun starts
     runtime = resolve_runtime(config.train, packing=config.data.packing)
     # One run of a phase at a time: rank 0 holds the lock for the whole run (torchrun's ranks are one run).
     lock = runlock.hold_run(config.run_dir.parent, config.name) if runtime.is_main else nullcontext()

@@ -111,6 +111,16 @@ def latest_complete(run_dir: Path) -> Path | None:
     return complete[-1][1] if complete else None
 
 
+def resume_note(run_dir: Path, *, fresh: bool) -> str:
+    """Where the same command starts again, said at the moment of the interrupt."""
+    if fresh:
+        return "with RESUME=0, training starts again from step 0"
+    latest = latest_complete(run_dir)
+    if latest is None:
+        return "no checkpoint was saved yet: training starts again from step 0"
+    return f"training resumes from {latest.name}, the newest complete checkpoint"
+
+
 def measured_checkpoint_size(run_dir: Path) -> int | None:
     """Bytes on disk of the newest complete checkpoint (what the next one will need), or None before the first."""
     latest = latest_complete(run_dir)
