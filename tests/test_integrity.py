@@ -204,3 +204,16 @@ def test_a_phase_output_without_manifest_needs_plain_base_to_be_a_base(sharded, 
     assert "PLAIN_BASE=1" in err.value.fix
     warning = require_validated(folder, plain_base=True)
     assert "PLAIN_BASE=1 given" in warning  # returned so training records it in the adapter's manifest
+
+
+def test_a_quantized_candidate_with_its_hashes_is_validated_and_without_them_refused(sharded, tmp_path):
+    """`make validate ARGS="--candidate <phase>_merged-nf4"` (README): the quantized copy records its hashes too."""
+    import benchmark
+
+    candidate = Path(shutil.copytree(sharded, tmp_path / "phasex_merged"))
+    write_manifest(candidate, "quantized", source="x", weights_sha256=weights_sha256(candidate))
+    assert benchmark.main(["--phase", str(_validate_config(tmp_path, candidate))]) == 0
+    _edit_manifest(candidate, weights_sha256=None)
+    with pytest.raises(UserError, match="no whole-file weight hashes") as err:
+        benchmark.main(["--phase", str(_validate_config(tmp_path, candidate))])
+    assert "FORCE=1 make quantize" in err.value.fix

@@ -94,22 +94,26 @@ def verify_candidate(plan: ValidationPlan) -> dict[str, str]:
     whose manifest is missing, malformed, not a merge's, or without whole-file hashes: nothing would show that the
     bytes judged are the merge's, and a stamp must never vouch for bytes nobody recorded (ISSUES_LOG B47).
     """
-    remerge = (f"merge again: `FORCE=1 make merge PHASE={plan.phase.removeprefix('phase')}` (the damaged folder is "
+    remake = (f"merge again: `FORCE=1 make merge PHASE={plan.phase.removeprefix('phase')}` (the damaged folder is "
                "moved aside); it writes the manifest with every weight file's sha256")
     manifest = read_manifest(plan.candidate)  # not JSON, or a kind this project never writes: a one-screen error
     where = str(plan.candidate / MANIFEST)
     if manifest is None:
         raise UserError(f"the candidate {plan.candidate} has no {MANIFEST}: it is not a finished merge, so nothing "
-                        "records what its weights should be and it cannot be stamped", where=where, fix=remerge)
-    if manifest["kind"] != "merged":
-        raise UserError(f"the candidate's {MANIFEST} says kind {manifest['kind']!r}: only a merged model is "
-                        "validated and stamped", where=where, fix=remerge)
+                        "records what its weights should be and it cannot be stamped", where=where, fix=remake)
+    if manifest["kind"] not in ("merged", "quantized"):
+        raise UserError(f"the candidate's {MANIFEST} says kind {manifest['kind']!r}: only a merged (or quantized) "
+                        "model is validated", where=where, fix=remake)
+    if manifest["kind"] == "quantized":  # `make validate ARGS="--candidate <phase>_merged-nf4"`: what quantizing costs
+        remake = (f"quantize again: `FORCE=1 make quantize PHASE={plan.phase.removeprefix('phase')}` (it records "
+                   "every weight file's sha256)")
     recorded = manifest.get("weights_sha256")
     if not (isinstance(recorded, dict) and recorded and all(isinstance(v, str) for v in recorded.values())):
-        raise UserError(f"the candidate's {MANIFEST} has no whole-file weight hashes (weights_sha256; merged before "
+        raise UserError(f"the candidate's {MANIFEST} has no whole-file weight hashes (weights_sha256; written before "
                         "they existed, or edited): its bytes cannot be checked, so it cannot be stamped",
-                        where=where, fix=remerge)
-    return verify_weights(plan.candidate, recorded, against="its manifest.json (the merge)", fix=remerge)
+                        where=where, fix=remake)
+    made_by = "the merge" if manifest["kind"] == "merged" else "the quantization"
+    return verify_weights(plan.candidate, recorded, against=f"its manifest.json ({made_by})", fix=remake)
 
 
 def build_problems(plan: ValidationPlan, seed: int) -> dict:
