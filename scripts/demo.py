@@ -102,7 +102,8 @@ def demo_code_opt_in() -> dict[str, str]:
 def merge_is_current(config) -> bool:
     """The merged model exists, was made from the adapter now on disk, and its weights are whole and unchanged."""
     merged, adapter = read_manifest(config.merged_dir), config.adapter_dir / "adapter_model.safetensors"
-    if not (merged and adapter.exists() and merged.get("adapter_hash") == sha256_file(adapter)):
+    if not (merged and adapter.exists() and merged.get("adapter_hash") == sha256_file(adapter)
+            and merged.get("weights_sha256")):  # no whole-file hashes: nothing vouches for the bytes, merge again
         return False
     try:  # a truncated or overwritten shard is merged again, never reused (ISSUES_LOG B22)
         verify_weights(config.merged_dir, merged.get("weights_sha256"), against="its manifest.json", fix="")

@@ -7,7 +7,8 @@
 
 Switches (environment or make variables, cogumi.core.switches): RESUME=0 starts fresh (the existing run folder is
 moved aside once every check passed; nothing is deleted); ALLOW_UNVALIDATED=1 trains on a merged base without its
-VALIDATED stamp (recorded in the adapter's manifest); RESUME_CHANGED=1 resumes a checkpoint saved with different
+VALIDATED stamp (recorded in the adapter's manifest); PLAIN_BASE=1 takes a base folder shaped like a phase output but
+without manifest.json as a plain model (recorded too); RESUME_CHANGED=1 resumes a checkpoint saved with different
 training settings (the changed keys are logged). One run of a phase at a time (cogumi.core.runlock).
 
 The name is the original project's; it trains every phase. Exit codes: 0 done, 2 user error (nothing changed on
@@ -24,11 +25,12 @@ from contextlib import nullcontext
 
 from cogumi.core import runlock
 from cogumi.core.config import load_config, phase_config_path, save_resolved
-from cogumi.core.errors import EXIT_OK, run_main
+from cogumi.core.errors import EXIT_OK, note_on_interrupt, run_main
 from cogumi.core.switches import switch
 from cogumi.core.tracking import track_phase
 from cogumi.evaluate.pairing import check_gates
 from cogumi.train import distributed
+from cogumi.train.checkpoints import resume_note
 from cogumi.train.data import encode_data, read_data
 from cogumi.train.disk import estimate_checkpoint_bytes, preflight, sidecar
 from cogumi.train.export import export_adapter, finished_adapter, next_command, summary
@@ -55,9 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fresh, allow_changed = not switch("RESUME"), switch("RESUME_CHANGED")
-    allow_unvalidated = switch("ALLOW_UNVALIDATED")
+    allow_unvalidated, plain_base = switch("ALLOW_UNVALIDATED"), switch("PLAIN_BASE")
     config = load_config(phase_config_path(args.phase), args.overrides)
     check_gates(config.validate.gates, list(config.validate.tasks), source=f"{args.phase}: validate.gates")
+    note_on_interrupt(lambda: resume_note(config.run_dir, fresh=fresh))  # the Ctrl-C line says where a rerun starts
     runtime = resolve_runtime(config.train, packing=config.data.packing)
     # One run of a phase at a time: rank 0 holds the lock for the whole run (torchrun's ranks are one run).
     lock = runlock.hold_run(config.run_dir.parent, config.name) if runtime.is_main else nullcontext()
@@ -67,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         # kernel that is wrong or does not compile on this stack refuses the run here, not at step 1 (B38, B40).
         require_kernels(applied, runtime.device, runtime.dtype, runtime.packed_kernel)
         return train(config, dataclasses.replace(runtime, fast_path=applied), args.phase, args.overrides,
-                     fresh=fresh, allow_unvalidated=allow_unvalidated, allow_changed=allow_changed)
+                     fresh=fresh, allow_unvalidated=allow_unvalidated, plain_base=plain_base,
+                     allow_changed=allow_changed)
 
 
 def train(config, runtime, phase: str, overrides: list[str], *, fresh: bool, allow_unvalidated: bool,
-          allow_changed: bool) -> int:
+          plain_base: bool, allow_changed: bool) -> int:
     # One line, not the whole config: a refusal below must be the first screen the user sees. The resolved config
     # goes to config.resolved.yaml once the checks pass (`make config` prints it without starting a run).
     log.info("config %s -> outputs in %s", phase, config.run_dir)
@@ -79,7 +83,7 @@ def train(config, runtime, phase: str, overrides: list[str], *, fresh: bool, all
     rows = read_data(config.data)  # a missing or malformed data file fails in seconds, not after a 16 GB download
     # Refuses quantized, unvalidated, changed-since-validated and misreadable bases, and unknown LoRA targets,
     # before any weight loads.
-    base = build_base(config, allow_unvalidated=allow_unvalidated)
+    base = build_base(config, allow_unvalidated=allow_unvalidated, plain_base=plain_base)
     # Rank 0 alone picks the checkpoint; every rank resumes from the path it broadcasts. Nothing is moved or
     # written until every check below passed (claim_run_dir): a refused run changes nothing on disk.
     resume_from = distributed.on_main(choose_resume, config, fresh=fresh)

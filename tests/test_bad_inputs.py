@@ -29,7 +29,7 @@ from cogumi.core.integrity import weights_sha256
 from cogumi.core.manifest import write_manifest
 from cogumi.core.stamp import write_stamp
 
-SWITCH_ENV = ("FORCE", "RESUME", "ALLOW_UNVALIDATED", "RESUME_CHANGED")
+SWITCH_ENV = ("FORCE", "RESUME", "ALLOW_UNVALIDATED", "RESUME_CHANGED", "PLAIN_BASE")
 
 
 def _rows(n=12):
@@ -102,6 +102,7 @@ def ws(tmp_path_factory, tiny_model_dir) -> Path:
     with open(changed / "model.safetensors", "r+b") as fh:  # after validation, 64 KiB mid-file
         fh.seek(fh.seek(0, 2) // 2)
         fh.write(b"\x11" * 65536)
+    _chain_variants(base, bases)
 
     baselines = ws / "baselines"
     baselines.mkdir()
@@ -120,8 +121,65 @@ def ws(tmp_path_factory, tiny_model_dir) -> Path:
     for name in SWITCH_ENV:
         os.environ.pop(name, None)
     assert train_main(["--phase", str(ws / "run.yaml")]) == 0  # the finished run every case must leave alone
-    shutil.copytree(base, ws / "out" / "tinyrun_merged")  # a stand-in merged output (validate's candidate)
+    candidate = shutil.copytree(base, ws / "out" / "tinyrun_merged")  # a stand-in merged output (validate's)
+    write_manifest(candidate, "merged", base_model=str(base), weights_sha256=weights_sha256(candidate))
+    _candidate_variants(candidate, ws / "candidates")
+    _run_variants(ws / "out")
     return ws
+
+
+def _merged(base: Path, where: Path, *, stamp: bool = False) -> Path:
+    """A merged phase output as merge and validate leave it: weights, report, manifest with hashes, maybe a stamp."""
+    folder = _base_variant(base, where)
+    (folder / "merge_report.json").write_text(json.dumps({"passed": True}))
+    write_manifest(folder, "merged", base_model="tiny", weights_sha256=weights_sha256(folder))
+    if stamp:
+        write_stamp(folder, {"gates": []}, weights_sha256=weights_sha256(folder))
+    return folder
+
+
+def _chain_variants(base: Path, bases: Path) -> None:
+    """Each link of the chain of trust removed or corrupted (docs/TROUBLESHOOTING.md, "Chain of trust")."""
+    (_merged(base, bases / "merged_no_manifest") / "manifest.json").unlink()  # shaped like a merge, no manifest
+    (_merged(base, bases / "stamped_no_manifest", stamp=True) / "manifest.json").unlink()
+    kind_base = _merged(base, bases / "merged_kind_base")
+    manifest = json.loads((kind_base / "manifest.json").read_text())
+    (kind_base / "manifest.json").write_text(json.dumps({**manifest, "kind": "base"}))
+    (_merged(base, bases / "manifest_garbled") / "manifest.json").write_text('{"kind": "merged",\n  oops}')
+    (_merged(base, bases / "manifest_a_list") / "manifest.json").write_text('["merged"]')
+    (_merged(base, bases / "stamp_garbled", stamp=True) / "VALIDATED").write_text("validated, trust me\n")
+    other = _merged(base, bases / "stamp_other_than_manifest", stamp=True)  # the manifest's hashes edited
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["weights_sha256"]["model.safetensors"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    no_hashes = _merged(base, bases / "stamp_without_hashes", stamp=True)
+    (no_hashes / "VALIDATED").write_text(json.dumps({"gates": []}))
+
+
+def _candidate_variants(good: Path, candidates: Path) -> None:
+    """Validate's candidate without a manifest, without hashes, with a manifest that is not JSON, or not a merge."""
+    candidates.mkdir()
+    shutil.copytree(good, candidates / "no_manifest")
+    (candidates / "no_manifest" / "manifest.json").unlink()
+    for name, edit in (("no_hashes", lambda m: {k: v for k, v in m.items() if k != "weights_sha256"}),
+                       ("empty_hashes", lambda m: {**m, "weights_sha256": {}}),
+                       ("kind_adapter", lambda m: {**m, "kind": "adapter"})):
+        folder = shutil.copytree(good, candidates / name)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        (folder / "manifest.json").write_text(json.dumps(edit(manifest)))
+    garbled = shutil.copytree(good, candidates / "garbled")
+    (garbled / "manifest.json").write_text("{not json")
+
+
+def _run_variants(out: Path) -> None:
+    """Copies of the finished run: its newest checkpoint without adapter/ or trainer state, its adapter's manifest
+    not JSON."""
+    for name, remove in (("noadapter", "adapter"), ("nostate", "trainer_state.pt")):
+        run = shutil.copytree(out / "tinyrun", out / name)
+        path = run / "checkpoint-2" / remove
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run = shutil.copytree(out / "tinyrun", out / "garbledadapter")
+    (run / "adapter" / "manifest.json").write_text("{\"kind\": \"adapter\",\n")
 
 
 def listing(root: Path) -> dict:
@@ -217,6 +275,39 @@ CASES = [
      "unvalidated_merged"),
     ("base-changed-since-validated", "train", [f"base_model=@{B}changed_merged"], {"ALLOW_UNVALIDATED": "1"}, 2,
      "changed since it was validated", "changed_merged"),
+    # the chain of trust, each link removed or corrupted (ISSUES_LOG B47-B49)
+    ("base-merged-no-manifest", "train", [f"base_model=@{B}merged_no_manifest"], {"ALLOW_UNVALIDATED": "1"}, 2,
+     "no manifest.json", "merged_no_manifest/manifest.json"),
+    ("base-stamped-no-manifest", "train", [f"base_model=@{B}stamped_no_manifest"], {}, 2, "no manifest.json",
+     "stamped_no_manifest/manifest.json"),
+    ("base-kind-edited", "train", [f"base_model=@{B}merged_kind_base"], {}, 2, "kind 'base'",
+     "merged_kind_base/manifest.json"),
+    ("base-manifest-garbled", "train", [f"base_model=@{B}manifest_garbled"], {"PLAIN_BASE": "1"}, 2,
+     "manifest.json is not valid JSON", "manifest_garbled/manifest.json:2"),
+    ("base-manifest-a-list", "train", [f"base_model=@{B}manifest_a_list"], {}, 2, "not an object",
+     "manifest_a_list/manifest.json"),
+    ("base-stamp-garbled", "train", [f"base_model=@{B}stamp_garbled"], {}, 2, "VALIDATED is not valid JSON",
+     "stamp_garbled/VALIDATED"),
+    ("base-stamp-other-than-manifest", "train", [f"base_model=@{B}stamp_other_than_manifest"], {}, 2,
+     "other weights than its manifest.json", "stamp_other_than_manifest/VALIDATED"),
+    ("base-stamp-without-hashes", "train", [f"base_model=@{B}stamp_without_hashes"], {"ALLOW_UNVALIDATED": "1"}, 2,
+     "no whole-file weight hashes", "stamp_without_hashes/VALIDATED"),
+    ("candidate-no-manifest", "validate", ["--candidate", "@candidates/no_manifest"], {}, 2, "no manifest.json",
+     "no_manifest/manifest.json"),
+    ("candidate-no-hashes", "validate", ["--candidate", "@candidates/no_hashes"], {}, 2,
+     "no whole-file weight hashes", "no_hashes/manifest.json"),
+    ("candidate-empty-hashes", "validate", ["--candidate", "@candidates/empty_hashes"], {}, 2,
+     "no whole-file weight hashes", "empty_hashes/manifest.json"),
+    ("candidate-kind-adapter", "validate", ["--candidate", "@candidates/kind_adapter"], {}, 2, "kind 'adapter'",
+     "kind_adapter/manifest.json"),
+    ("candidate-manifest-garbled", "validate", ["--candidate", "@candidates/garbled"], {}, 2, "not valid JSON",
+     "garbled/manifest.json:1"),
+    ("checkpoint-complete-no-adapter", "train", ["name=noadapter"], {}, 2, "marked COMPLETE but has no adapter/",
+     "noadapter/checkpoint-2/adapter/adapter_model.safetensors"),
+    ("checkpoint-complete-no-state", "train", ["name=nostate"], {}, 2, "marked COMPLETE but has no trainer_state",
+     "nostate/checkpoint-2/trainer_state.pt"),
+    ("merge-adapter-manifest-garbled", "merge", ["name=garbledadapter"], {}, 2, "manifest.json is not valid JSON",
+     "garbledadapter/adapter/manifest.json:2"),
     # the finished run in out/tinyrun
     ("resume-changed-settings", "train", ["train.learning_rate=1e-3"], {}, 2, "train.learning_rate: 0.0002 -> 0.001",
      "checkpoint-2"),
@@ -264,7 +355,7 @@ def test_bad_input_is_refused_cleanly_and_changes_nothing(ws, case, monkeypatch,
 
 
 def test_the_table_covers_the_issue():
-    assert len(CASES) >= 66 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 82 and len({c[0] for c in CASES}) == len(CASES)
 
 
 def test_ctrl_c_while_the_libraries_load_is_one_line_and_exit_130(tmp_path):

@@ -213,3 +213,49 @@ def test_other_write_errors_propagate_and_leave_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         save(run, 7, write=interrupted)
     assert names(run) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("save_steps", [100000, 1])
+def test_the_interrupt_line_says_where_the_rerun_starts(tmp_path, tiny_model_dir, save_steps):
+    """Ctrl-C (here SIGTERM, the same path) once training runs: with no checkpoint yet the line must not promise a
+    resume from one (ISSUES_LOG B52). No timing luck: with save_steps 100000 no checkpoint can exist, with 1 the
+    signal waits for the first one."""
+    import signal
+    import sys
+    import time
+
+    import yaml
+
+    from cogumi.core.paths import SCRIPTS_DIR
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+{i}?", "response": f"{2 * i}"}) + "\n" for i in range(8)))
+    config = tmp_path / "interrupted.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "interrupted", "base_model": str(tiny_model_dir), "output_root": str(tmp_path / "out"),
+        "data": {"train_path": str(data), "max_seq_len": 32},
+        "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]},
+        "train": {"max_steps": 1000000, "micro_batch_size": 2, "grad_accum": 1, "log_every": 1},
+        "checkpoints": {"save_steps": save_steps, "keep_last": 2}, "disk": {"monitor": False, "margin_mb": 1}}))
+    run_dir = tmp_path / "out" / "interrupted"
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would stall the run before its first checkpoint
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / "train_phase1a_fullprecision.py"), "--phase",
+                                 str(config)], env={**os.environ, "PYTHONPATH": str(SCRIPTS_DIR)}, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + 240
+    started = (lambda: list_complete(run_dir)) if save_steps == 1 else (lambda: (run_dir / "train_log.jsonl").exists()
+                                                                      and (run_dir / "train_log.jsonl").stat().st_size)
+    while time.monotonic() < deadline and proc.poll() is None and not started():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    err = log.read_text()
+    assert proc.returncode == 130, err[-3000:]
+    line = next(line for line in err.splitlines() if line.startswith("Interrupted:"))
+    if save_steps == 1:
+        assert "training resumes from checkpoint-" in line, line
+    else:
+        assert "no checkpoint was saved yet: training starts again from step 0" in line, line
+        assert not list_complete(run_dir)

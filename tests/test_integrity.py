@@ -15,7 +15,7 @@ import yaml
 from cogumi.core.errors import UserError
 from cogumi.core.integrity import verify_weights, weights_sha256
 from cogumi.core.manifest import read_manifest, write_manifest
-from cogumi.core.stamp import VALIDATED_STAMP, read_stamp, require_validated, stamp_is_current
+from cogumi.core.stamp import VALIDATED_STAMP, read_stamp, require_validated, stamp_is_current, write_stamp
 
 KIB = 1024
 MATH_ROWS = [{"task": "math", "id": f"m{i}", "prompt": f"What is {i} times 111111111?",
@@ -135,3 +135,85 @@ def test_stamp_records_the_hashes_and_the_next_phase_checks_them(sharded, tmp_pa
     with pytest.raises(UserError, match="changed since it was validated"):
         train_main(["--phase", str(cfg)])
     assert not (tmp_path / "phasey").exists()
+
+
+# ---------------------------------------------------------------- the chain of trust: every link removed, corrupted
+
+
+def _edit_manifest(folder: Path, **changes) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    for key in [k for k, v in changes.items() if v is None]:
+        del manifest[key]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_validate_refuses_a_candidate_whose_manifest_lost_its_hashes(sharded, tmp_path):
+    """The user's report: hashes gone from the manifest, a flipped byte in a shard, and validate used to judge it
+    with a warning and stamp it VALIDATED."""
+    import benchmark
+
+    candidate = merged_copy(sharded, tmp_path / "phasex_merged")
+    _edit_manifest(candidate, weights_sha256=None)
+    flip_byte(first_shard(candidate))
+    with pytest.raises(UserError, match="no whole-file weight hashes") as err:
+        benchmark.main(["--phase", str(_validate_config(tmp_path, candidate))])
+    assert "FORCE=1 make merge" in err.value.fix and err.value.where == str(candidate / "manifest.json")
+    assert not (candidate / VALIDATED_STAMP).exists() and not (candidate / "validation").exists()
+
+
+def _stamped(sharded: Path, where: Path) -> Path:
+    folder = merged_copy(sharded, where)
+    (folder / "merge_report.json").write_text("{}")
+    write_stamp(folder, {"gates": []}, weights_sha256=weights_sha256(folder))
+    assert require_validated(folder) is None
+    return folder
+
+
+# Each: (what is done to a stamped merge, text of the refusal). ALLOW_UNVALIDATED=1 admits none of them.
+BROKEN_LINKS = {
+    "manifest-deleted": (lambda f: (f / "manifest.json").unlink(), "no manifest.json"),
+    "manifest-not-json": (lambda f: (f / "manifest.json").write_text("{"), "manifest.json is not valid JSON"),
+    "kind-edited-to-base": (lambda f: _edit_manifest(f, kind="base"), "kind 'base'"),
+    "kind-edited-to-adapter": (lambda f: _edit_manifest(f, kind="adapter"), "of kind 'adapter'"),
+    "manifest-hashes-edited": (lambda f: _edit_manifest(f, weights_sha256={"model.safetensors": "0" * 64}),
+                               "other weights than its manifest.json"),
+    "stamp-not-json": (lambda f: (f / VALIDATED_STAMP).write_text("ok"), "VALIDATED is not valid JSON"),
+    "stamp-hashes-removed": (lambda f: (f / VALIDATED_STAMP).write_text("{}"), "no whole-file weight hashes"),
+    "shard-byte-flipped": (lambda f: flip_byte(first_shard(f)), "changed since it was validated"),
+}
+
+
+@pytest.mark.parametrize("link", BROKEN_LINKS)
+def test_every_broken_link_of_a_stamped_merge_is_refused_as_a_base(sharded, tmp_path, link):
+    folder = _stamped(sharded, tmp_path / "phasex_merged")
+    breaks, message = BROKEN_LINKS[link]
+    breaks(folder)
+    with pytest.raises(UserError, match=message):
+        require_validated(folder, allow_unvalidated=True)
+    assert not stamp_is_current(folder)  # the demo validates again instead of reusing the stamp
+
+
+@pytest.mark.parametrize("sign", ["merge_report.json", VALIDATED_STAMP, "adapter_config.json"])
+def test_a_phase_output_without_manifest_needs_plain_base_to_be_a_base(sharded, tmp_path, sign):
+    folder = Path(shutil.copytree(sharded, tmp_path / "looks_merged"))
+    assert require_validated(folder) is None  # a plain model folder (a hub snapshot, a copy) passes as before
+    (folder / sign).write_text("{}")
+    with pytest.raises(UserError, match="no manifest.json") as err:
+        require_validated(folder, allow_unvalidated=True)
+    assert "PLAIN_BASE=1" in err.value.fix
+    warning = require_validated(folder, plain_base=True)
+    assert "PLAIN_BASE=1 given" in warning  # returned so training records it in the adapter's manifest
+
+
+def test_a_quantized_candidate_with_its_hashes_is_validated_and_without_them_refused(sharded, tmp_path):
+    """`make validate ARGS="--candidate <phase>_merged-nf4"` (README): the quantized copy records its hashes too."""
+    import benchmark
+
+    candidate = Path(shutil.copytree(sharded, tmp_path / "phasex_merged"))
+    write_manifest(candidate, "quantized", source="x", weights_sha256=weights_sha256(candidate))
+    assert benchmark.main(["--phase", str(_validate_config(tmp_path, candidate))]) == 0
+    _edit_manifest(candidate, weights_sha256=None)
+    with pytest.raises(UserError, match="no whole-file weight hashes") as err:
+        benchmark.main(["--phase", str(_validate_config(tmp_path, candidate))])
+    assert "FORCE=1 make quantize" in err.value.fix

@@ -45,8 +45,13 @@ def test_a_flag_between_overrides_is_taken_as_a_flag():
 
 
 def test_an_empty_phase_is_named_as_such_not_as_a_missing_config():
-    done = make_config("PHASE=", "ARGS=train.max_steps=3")
-    assert done.returncode != 0 and "no phase given" in done.stderr and "PHASE=1a" in done.stderr
+    done = make_config("PHASE=", "ARGS=train.max_steps=3")  # make_run.py checks the make variable
+    assert done.returncode != 0 and "PHASE must be a phase name" in done.stderr and "PHASE=1a" in done.stderr
+    # the scripts themselves: an override where the phase goes (how `--phase $(PHASE) $(ARGS)` used to read it)
+    done = subprocess.run([sys.executable, str(SCRIPTS_DIR / "show_config.py"), "--phase", "train.max_steps=3"],
+                          cwd=REPO_ROOT, text=True, capture_output=True, timeout=120,
+                          env={"PYTHONPATH": str(SCRIPTS_DIR), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and "no phase given" in done.stderr and "PHASE=1a" in done.stderr
 
 
 def test_a_refused_run_shows_its_refusal_first_not_after_the_config(tmp_path, tiny_base):

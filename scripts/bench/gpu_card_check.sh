@@ -23,7 +23,9 @@ WORK=${WORK:-checkpoints/card_check}
 PY=${PY:-.venv/bin/python}
 export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
 mkdir -p "$WORK"
-OVERRIDES="base_model=$BASE data.train_path=$DATA output_root=$WORK/runs train.max_steps=$STEPS $*"
+# make bench-card hands ARGS over as one string (never pasted into shell text): split into words, nothing expanded
+read -ra EXTRA <<< "${COGUMI_ARGS:-}"
+OVERRIDES="base_model=$BASE data.train_path=$DATA output_root=$WORK/runs train.max_steps=$STEPS $* ${EXTRA[*]}"
 declare -A SECONDS_OF
 
 # step NAME OK_CODES make TARGET ...: run it, log it, keep its wall time; any other exit code stops the check.

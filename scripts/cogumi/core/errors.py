@@ -35,6 +35,21 @@ class UserError(Exception):
         return "\n".join(lines)
 
 
+_INTERRUPT_NOTE: list[Callable[[], str]] = []
+
+
+def note_on_interrupt(note: Callable[[], str]) -> None:
+    """What a rerun after Ctrl-C at this point does (e.g. where training resumes), asked for when it happens, so the
+    interrupt line never promises a checkpoint that does not exist (ISSUES_LOG B52)."""
+    _INTERRUPT_NOTE[:] = [note]
+
+
+def interrupted_message() -> str:
+    note = _INTERRUPT_NOTE[0]() if _INTERRUPT_NOTE else ""
+    return ("Interrupted: stopped cleanly, nothing half-written is kept under a final name; run the same command "
+            "again to continue" + (f" ({note})." if note else "."))
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
     """Run an entry script's main(): user errors print one screen and exit non-zero, no traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -46,14 +61,14 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     # that remove temporary folders run, and one line says how to continue (ISSUES_LOG B24).
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here Ctrl-C is KeyboardInterrupt (cogumi/__init__)
+    _INTERRUPT_NOTE.clear()
     try:
         code = main(argv)
     except UserError as err:
         print(err.render(), file=sys.stderr)
         code = err.exit_code
     except KeyboardInterrupt:
-        print("Interrupted: stopped cleanly, nothing half-written is kept under a final name; run the same command "
-              "again to continue (training resumes from its newest complete checkpoint).", file=sys.stderr)
+        print(interrupted_message(), file=sys.stderr)
         code = EXIT_INTERRUPTED
     sys.exit(code)
 

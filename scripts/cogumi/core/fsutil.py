@@ -37,6 +37,24 @@ def read_json(path: Path):
         return json.load(fh)
 
 
+def read_json_object(path: Path, *, fix: str) -> dict:
+    """A JSON file that must hold one object (a manifest, a stamp, an adapter config): anything else is a one-screen
+    UserError naming the file (and line), never a traceback."""
+    from cogumi.core.errors import UserError
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path.name} is not UTF-8 text", where=str(path), fix=fix) from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path.name} is not valid JSON ({err.msg}, line {err.lineno} column {err.colno})",
+                        where=f"{path}:{err.lineno}", fix=fix) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path.name} holds a JSON {type(data).__name__}, not an object", where=str(path), fix=fix)
+    return data
+
+
 def aside_name(path: Path, label: str = "old") -> Path:
     """A free sibling name like `run.old-20261125-171500` for moving `path` out of the way."""
     path = Path(path)

@@ -12,12 +12,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from cogumi.core.fsutil import atomic_write_json, read_json
+from cogumi.core.errors import UserError
+from cogumi.core.fsutil import atomic_write_json, read_json_object
 from cogumi.core.paths import REPO_ROOT
 from cogumi.core.safetensors_io import weight_files
 
 LOCK_FILE = REPO_ROOT / "requirements" / "base.txt"
 MANIFEST = "manifest.json"
+KINDS = ("adapter", "merged", "quantized")  # every kind write_manifest is called with
+REMAKE = ("the step that made this folder writes it: make the folder again (`FORCE=1 make merge PHASE=<p>` for a "
+          "merged model, `make train PHASE=<p>` for an adapter) or restore the file")
 SAMPLE_EVERY = 64 * 1024 * 1024
 SAMPLE_BYTES = 64 * 1024
 
@@ -82,5 +86,14 @@ def write_manifest(folder: Path, kind: str, **fields) -> dict:
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The folder's manifest, None when it has none. One that is not a JSON object with a kind this project writes
+    is a one-screen error naming the file: a malformed manifest is never read as "no manifest" (ISSUES_LOG B47)."""
     path = Path(folder) / MANIFEST
-    return read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    manifest = read_json_object(path, fix=REMAKE)
+    if manifest.get("kind") not in KINDS:
+        raise UserError(f"{MANIFEST} says kind {manifest.get('kind')!r}, which is none of the kinds this project "
+                        f"writes ({', '.join(KINDS)}): it was edited or comes from elsewhere", where=str(path),
+                        fix=REMAKE)
+    return manifest

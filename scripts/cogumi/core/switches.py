@@ -5,6 +5,8 @@ Each switch has one meaning (ISSUES_LOG B27):
   RESUME=0            train from scratch; the previous run folder is moved aside (only once every check passed)
   ALLOW_UNVALIDATED=1 train on a merged phase output that has no VALIDATED stamp (recorded in the manifest)
   RESUME_CHANGED=1    resume a checkpoint saved with different training settings (the keys are logged)
+  PLAIN_BASE=1        train on a folder shaped like a phase output (merge report, stamp) that has no manifest.json,
+                      as a plain base model (recorded in the adapter's manifest)
 
 Values: 1/0, true/false, yes/no, on/off (any case). Anything else is a one-screen error, never a silent "off":
 YAML's own reading of `off` as False is why `train.liger=off` used to be refused.
@@ -23,6 +25,7 @@ SWITCHES = {
     "RESUME": ("1", "0 starts fresh: the previous run folder is moved aside"),
     "ALLOW_UNVALIDATED": ("0", "train on a merged phase output without its VALIDATED stamp"),
     "RESUME_CHANGED": ("0", "resume a checkpoint saved with different training settings"),
+    "PLAIN_BASE": ("0", "take a base folder shaped like a phase output but without manifest.json as a plain model"),
 }
 
 

@@ -15,7 +15,7 @@ from cogumi.core.config import PhaseConfig, resolve_path
 from cogumi.core.errors import UserError
 from cogumi.core.hub import check_room, download, local_folder
 from cogumi.core.integrity import verify_weights
-from cogumi.core.manifest import read_manifest
+from cogumi.core.manifest import MANIFEST, read_manifest
 from cogumi.core.stamp import VALIDATED_STAMP, write_stamp
 from cogumi.evaluate.generate import generate, load_model, unload
 from cogumi.evaluate.pairing import check_gates, describe_gate, outcome, summarize, unreachable
@@ -90,15 +90,30 @@ def _task_source(task: str, spec, source: str) -> dict:
 def verify_candidate(plan: ValidationPlan) -> dict[str, str]:
     """The candidate's weight files, checked whole against its manifest before anything is judged; their hashes.
 
-    A truncated or overwritten shard is a one-screen error here, never a verdict and never a stamp.
+    A truncated or overwritten shard is a one-screen error here, never a verdict and never a stamp. So is a candidate
+    whose manifest is missing, malformed, not a merge's, or without whole-file hashes: nothing would show that the
+    bytes judged are the merge's, and a stamp must never vouch for bytes nobody recorded (ISSUES_LOG B47).
     """
-    recorded = (read_manifest(plan.candidate) or {}).get("weights_sha256")
-    if recorded is None:
-        log.warning("%s: its manifest has no weights_sha256 (merged before whole-file hashes): checking the shards' "
-                    "structure only; the stamp records the hashes of the files judged now", plan.candidate)
-    return verify_weights(plan.candidate, recorded, against="its manifest.json (the merge)",
-                          fix=f"merge again: `FORCE=1 make merge PHASE={plan.phase.removeprefix('phase')}` (the "
-                              "damaged folder is moved aside)")
+    remake = (f"merge again: `FORCE=1 make merge PHASE={plan.phase.removeprefix('phase')}` (the damaged folder is "
+               "moved aside); it writes the manifest with every weight file's sha256")
+    manifest = read_manifest(plan.candidate)  # not JSON, or a kind this project never writes: a one-screen error
+    where = str(plan.candidate / MANIFEST)
+    if manifest is None:
+        raise UserError(f"the candidate {plan.candidate} has no {MANIFEST}: it is not a finished merge, so nothing "
+                        "records what its weights should be and it cannot be stamped", where=where, fix=remake)
+    if manifest["kind"] not in ("merged", "quantized"):
+        raise UserError(f"the candidate's {MANIFEST} says kind {manifest['kind']!r}: only a merged (or quantized) "
+                        "model is validated", where=where, fix=remake)
+    if manifest["kind"] == "quantized":  # `make validate ARGS="--candidate <phase>_merged-nf4"`: what quantizing costs
+        remake = (f"quantize again: `FORCE=1 make quantize PHASE={plan.phase.removeprefix('phase')}` (it records "
+                   "every weight file's sha256)")
+    recorded = manifest.get("weights_sha256")
+    if not (isinstance(recorded, dict) and recorded and all(isinstance(v, str) for v in recorded.values())):
+        raise UserError(f"the candidate's {MANIFEST} has no whole-file weight hashes (weights_sha256; written before "
+                        "they existed, or edited): its bytes cannot be checked, so it cannot be stamped",
+                        where=where, fix=remake)
+    made_by = "the merge" if manifest["kind"] == "merged" else "the quantization"
+    return verify_weights(plan.candidate, recorded, against=f"its manifest.json ({made_by})", fix=remake)
 
 
 def build_problems(plan: ValidationPlan, seed: int) -> dict:

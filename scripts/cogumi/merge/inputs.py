@@ -68,8 +68,12 @@ def load_adapter(adapter_dir: Path) -> Adapter:
             legacy = " (only a pickled adapter_model.bin: re-save it with safe_serialization=True)" if (
                 name == ADAPTER_WEIGHTS and (adapter_dir / "adapter_model.bin").exists()) else ""
             raise UserError(f"the adapter folder has no {name}{legacy}", where=str(adapter_dir / name), fix=fix)
-    return Adapter(path=adapter_dir, config=fsutil.read_json(adapter_dir / ADAPTER_CONFIG),
-                   manifest=read_manifest(adapter_dir), weights=adapter_dir / ADAPTER_WEIGHTS, sha256="")
+    manifest = read_manifest(adapter_dir)  # not JSON, or a kind this project never writes: a one-screen error
+    if manifest["kind"] != "adapter":
+        raise UserError(f"the adapter folder's {MANIFEST} says kind {manifest['kind']!r}, not 'adapter'",
+                        where=str(adapter_dir / MANIFEST), fix=fix)
+    return Adapter(path=adapter_dir, config=fsutil.read_json_object(adapter_dir / ADAPTER_CONFIG, fix=fix),
+                   manifest=manifest, weights=adapter_dir / ADAPTER_WEIGHTS, sha256="")
 
 
 def check_adapter_hash(adapter: Adapter) -> Adapter:

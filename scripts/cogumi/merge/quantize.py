@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cogumi.core.errors import UserError
 from cogumi.core.fsutil import aside_name, atomic_write_json, dir_size
+from cogumi.core.integrity import weights_sha256
 from cogumi.core.manifest import read_manifest, weights_fingerprint, write_manifest
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ def quantize(merged: Path, out: Path, quant: str) -> dict:
                   "quantized_bytes": dir_size(tmp), "gpu_memory_bytes": model.get_memory_footprint()}
         report["ratio"] = round(report["quantized_bytes"] / max(report["source_bytes"], 1), 3)
         atomic_write_json(tmp / "quantize_report.json", report)
+        # Whole-file hashes, as the merge records them: `make validate --candidate` checks the bytes it judges.
         write_manifest(tmp, "quantized", source=str(merged), source_fingerprint=weights_fingerprint(merged),
-                       quant=quant, dtype="bnb-" + quant)
+                       quant=quant, dtype="bnb-" + quant, weights_sha256=weights_sha256(tmp))
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # only our own partial temp folder

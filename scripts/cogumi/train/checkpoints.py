@@ -90,6 +90,17 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / COMPLETE).is_file()
 
 
+def require_saved_files(checkpoint: Path, names: tuple[str, ...]) -> None:
+    """COMPLETE vouches for a whole save; a checkpoint marked COMPLETE but missing a file resume reads was damaged
+    afterwards (a hand edit, a partial copy): a one-screen error naming the file, not a traceback (ISSUES_LOG B49)."""
+    for name in names:
+        if not (Path(checkpoint) / name).is_file():
+            raise UserError(f"{Path(checkpoint).name} is marked {COMPLETE} but has no {name}: it was damaged after it "
+                            "was saved", where=str(Path(checkpoint) / name),
+                            fix=f"move {checkpoint} out of the run folder to resume from the checkpoint before it, "
+                                "or RESUME=0 to start fresh (the old run is moved aside, nothing is deleted)")
+
+
 def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first, ordered by step number (checkpoint-9000 before checkpoint-10000)."""
     return [(step, path) for step, path in _step_folders(run_dir) if is_complete(path)]
@@ -98,6 +109,16 @@ def list_complete(run_dir: Path) -> list[tuple[int, Path]]:
 def latest_complete(run_dir: Path) -> Path | None:
     complete = list_complete(run_dir)
     return complete[-1][1] if complete else None
+
+
+def resume_note(run_dir: Path, *, fresh: bool) -> str:
+    """Where the same command starts again, said at the moment of the interrupt."""
+    if fresh:
+        return "with RESUME=0, training starts again from step 0"
+    latest = latest_complete(run_dir)
+    if latest is None:
+        return "no checkpoint was saved yet: training starts again from step 0"
+    return f"training resumes from {latest.name}, the newest complete checkpoint"
 
 
 def measured_checkpoint_size(run_dir: Path) -> int | None:

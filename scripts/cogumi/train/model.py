@@ -113,7 +113,7 @@ def _resolve_attention(name: str, device: torch.device, packing: bool) -> str:
 # ---------------------------------------------------------------- base model: guards before weights
 
 
-def build_base(config: PhaseConfig, *, allow_unvalidated: bool = False) -> Base:
+def build_base(config: PhaseConfig, *, allow_unvalidated: bool = False, plain_base: bool = False) -> Base:
     """Resolve the base to a local folder, refusing quantized, unvalidated, changed or misreadable bases and
     unknown LoRA targets before any weight loads."""
     spec = config.base_model
@@ -129,9 +129,10 @@ def build_base(config: PhaseConfig, *, allow_unvalidated: bool = False) -> Base:
         path = folder
     refuse_incompatible_base(path)  # files there, config readable, not a transformers-5 format 4.43 would misread
     refuse_quantized_base(path)  # config.json quantization_config, packed integer dtypes in safetensors headers
-    warning = require_validated(path, allow_unvalidated=allow_unvalidated)  # stamped weights still the same bytes
+    # Stamp, manifest and bytes agree; a phase output without a valid manifest is refused, not taken for a plain base.
+    warning = require_validated(path, allow_unvalidated=allow_unvalidated, plain_base=plain_base)
     if warning:
-        log.warning("ALLOW_UNVALIDATED=1: %s; this is recorded in the adapter's manifest", warning)
+        log.warning("%s; this is recorded in the adapter's manifest", warning)
     check_lora_against_base(config.lora, path)
     return Base(spec=spec, path=path, fingerprint=weights_fingerprint(path), unvalidated_warning=warning)
 

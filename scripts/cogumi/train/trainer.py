@@ -33,7 +33,13 @@ from cogumi.core.fsutil import move_aside
 from cogumi.core.manifest import sha256_json
 from cogumi.core.tracking import Tracker, no_tracker
 from cogumi.train import distributed
-from cogumi.train.checkpoints import latest_complete, list_complete, measured_checkpoint_size, save_checkpoint
+from cogumi.train.checkpoints import (
+    latest_complete,
+    list_complete,
+    measured_checkpoint_size,
+    require_saved_files,
+    save_checkpoint,
+)
 from cogumi.train.data import BatchCounts, Batches
 from cogumi.train.flops import matmul_sizes, peak_tflops
 from cogumi.train.heldout import eval_row
@@ -161,8 +167,10 @@ def choose_resume(config: PhaseConfig, *, fresh: bool) -> Path | None:
     if ignored:
         log.warning("ignoring %s: no COMPLETE marker (an interrupted save)", ", ".join(ignored))
     if checkpoint is not None:
+        require_saved_files(checkpoint, (f"adapter/{ADAPTER_WEIGHTS}", STATE_FILE))  # what resume reads
         log.info("resume: continuing from %s (the newest complete checkpoint; RESUME=0 starts fresh)", checkpoint)
     return checkpoint
+
 
 
 def claim_run_dir(config: PhaseConfig, *, fresh: bool, resuming: bool) -> Path:
