@@ -49,7 +49,10 @@ OUTPUT_TAIL_BYTES = 64 * 1024
 OPT_IN_ENV = "COGUMI_ALLOW_UNCONTAINED_CODE"
 
 # Runs as root inside the new mount namespace, before the uid drop: "$1" work dir, "$2" its size in MB, then
-# the folders to hide, "--", and the command to exec. Every mount but the work dir goes read-only.
+# the folders to hide, "--", and the command to run. Every mount but the work dir goes read-only.
+# The command runs as a CHILD of this root shell, never exec'd: the shell stays PID 1 of the PID namespace, so
+# when it dies (unshare --kill-child's parent-death signal, which setpriv's uid change would clear on an exec'd
+# interpreter) the kernel kills every process in the namespace, setsid() ones included (ISSUES_LOG B59).
 MOUNT_SCRIPT = r"""
 set -e
 work=$1; size=$2; shift 2
@@ -65,7 +68,8 @@ for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
   mount -o remount,bind,ro "$m" 2>/dev/null || true
 done
 cd "$work"
-exec "$@"
+"$@"
+exit $?
 """
 
 
@@ -93,8 +97,8 @@ class Isolation:
         return ", ".join(parts) + "".join(f"; {n}" for n in self.notes)
 
     def command(self, workdir: str, disk_mb: int, hide: tuple[str, ...], argv: list[str]) -> list[str]:
-        if not self.mount_namespace:
-            return [*self.prefix, *self.uid_drop, *argv]
+        if not self.mount_namespace:  # the same root shell as PID 1 (see MOUNT_SCRIPT)
+            return [*self.prefix, "sh", "-c", '"$@"\nexit $?', "sh", *self.uid_drop, *argv]
         return [*self.prefix, "sh", "-c", MOUNT_SCRIPT, "sh", workdir, str(disk_mb), *hide, "--",
                 *self.uid_drop, *argv]
 
