@@ -61,7 +61,7 @@ def test_the_reasons_name_the_forgery():
     assert "type I" in run_program(FORGERIES["int subclass"], tests=TESTS, **FAST).reason
     patched = run_program(FORGERIES["patched math.isclose"], tests="import math\nassert math.isclose(f(2), 4)\n",
                           entry_point="f", **FAST)
-    assert "patched math.isclose" in patched.reason
+    assert patched.reason == "failed: AssertionError: "  # the tests' math is the runner's own: the 0 is compared
     syntax = run_program("def f(x)\n    return x\n", tests=TESTS, **FAST)
     assert syntax.reason.startswith("failed: SyntaxError") and "line 1" in syntax.reason
 

@@ -1,7 +1,10 @@
 """Run model-written Python against its tests in a separate, contained process; return a Verdict, never raise.
 
-The kernel side (this module); the in-interpreter side is sandbox_harness.HARNESS (plain data across the
-boundary, tests in their own namespace, frames out of reach, an unforgeable pass token). One run (`run_program`):
+The kernel side (this module). Two processes per run (ISSUES_LOG B60): the CANDIDATE (sandbox_harness.CANDIDATE,
+contained as below) runs the program and only answers calls; the RUNNER (sandbox_harness.RUNNER, a plain
+`python -I` of the judge's, trusted: it runs dataset tests) runs the tests, calls the program through proxies over
+two pipes of plain data (plain_data.py) and prints the verdict, which nothing in the candidate's process can reach.
+The candidate's process (`run_program`):
   * a fresh interpreter (`python -I`), in a new session, stdin closed, a minimal environment (PATH, LANG,
     HOME/TMPDIR = its work dir); the program and tests arrive through a pipe, never a file, argv or environment;
   * rlimits set before exec: CPU (timeout + 1 s), address space (memory_mb), file size (file_mb), processes,
@@ -26,7 +29,6 @@ import json
 import logging
 import os
 import resource
-import secrets
 import shutil
 import signal
 import stat
@@ -39,12 +41,11 @@ from dataclasses import dataclass, field
 from cogumi.core.errors import UserError
 from cogumi.core.paths import REPO_ROOT
 from cogumi.evaluate.records import Verdict
-from cogumi.judge.sandbox_harness import HARNESS
+from cogumi.judge.sandbox_harness import CANDIDATE, ENDED, RUNNER, VERDICT_TAG
 
 log = logging.getLogger(__name__)
 
 NOBODY = 65534
-RESULT_TAG = "COGUMI-RESULT"  # the harness's failure line on stderr: "COGUMI-RESULT failed: AssertionError: ..."
 OUTPUT_TAIL_BYTES = 64 * 1024
 OPT_IN_ENV = "COGUMI_ALLOW_UNCONTAINED_CODE"
 
@@ -258,78 +259,108 @@ def _write_all(fd: int, data: bytes) -> None:
         os.close(fd)
 
 
-def _verdict_from(rc: int, timed_out: bool, stdout: str, stderr: str, token: str, source: str,
-                  timeout_s: float) -> Verdict:
-    if timed_out:
-        return Verdict(False, f"timed out (over {timeout_s:g} s)", source)
-    if rc == 0 and token in stdout:
-        return Verdict(True, "passed", source)
-    failures = [line for line in stderr.splitlines() if line.startswith(f"{RESULT_TAG} failed: ")]
-    if failures:
-        return Verdict(False, failures[-1][len(RESULT_TAG) + 1:], source)
+def _candidate_ending(rc: int) -> str:
+    """Why the candidate's process ended before the tests did, from its exit status."""
     sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0
     if sig == signal.SIGXCPU:
-        return Verdict(False, "timed out (CPU limit)", source)
+        return "timed out (CPU limit)"
     if sig:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        return Verdict(False, f"failed: killed by {name}", source)
+        return f"failed: killed by {name}"
     if rc == 0:
-        return Verdict(False, "failed: exited before the tests finished", source)
-    return Verdict(False, f"failed: exit code {rc}", source)
+        return "failed: exited before the tests finished"
+    return f"failed: exit code {rc}"
+
+
+def _runner_verdict(stdout: str, rc: int, source: str) -> Verdict | None:
+    """The runner's verdict line, or None when it printed none (it was killed, or crashed)."""
+    lines = [line for line in stdout.splitlines() if line.startswith(VERDICT_TAG + " ")]
+    if not lines:
+        return None
+    passed, reason, judge_error = json.loads(lines[-1][len(VERDICT_TAG) + 1:])
+    return Verdict(bool(passed) and rc == 0, reason, source, judge_error=bool(judge_error))
 
 
 def run_program(source: str, *, tests: str = "", timeout_s: float = 10.0, memory_mb: int = 512, file_mb: int = 16,
-                disk_mb: int = 64, max_processes: int = 32, entry_point: str | None = None) -> Verdict:
-    """Run `source` then `tests` in a fresh sandboxed interpreter; passed only if every test ran to the end.
+                disk_mb: int = 64, max_processes: int = 32, entry_point: str | None = None,
+                prelude: str | None = None) -> Verdict:
+    """Run `source` in a contained process and `tests` in a trusted one that calls it; passed only if every test
+    ran to the end.
 
     Never raises for anything the program does; `reason` says "passed", "timed out (...)" or "failed: ...".
     entry_point: the function the tests call, exported to them even when its name shadows a builtin.
+    prelude: trusted code run in the tests' namespace first (HumanEval's prompt): its helpers stay its own.
     """
     iso = isolation()
     uid = NOBODY if iso.uid_drop else os.geteuid()
-    token = f"COGUMI-PASSED-{secrets.token_hex(16)}"
-    proc = None
+    candidate = runner = None
     timed_out = False
     try:
         workdir = tempfile.mkdtemp(prefix="cogumi-sandbox-")
     except OSError as exc:
         return Verdict(False, f"judge_error: sandbox error: {exc}", source, judge_error=True)
+    pipe_fds: list[int] = []
     try:
         if iso.uid_drop:
             os.chown(workdir, NOBODY, NOBODY)
-        payload = json.dumps({"program": source, "tests": tests, "token": token, "tag": RESULT_TAG,
-                              "cwd": workdir, "deny_read": list(_deny_read_paths()),
-                              "entry_point": entry_point}).encode()
+        job = json.dumps({"program": source, "tests": tests, "entry_point": entry_point, "prelude": prelude,
+                          "cwd": workdir, "deny_read": list(_deny_read_paths())}).encode()
         env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        read_fd, write_fd = os.pipe()
-        argv = [sys.executable, "-I", "-c", HARNESS, str(read_fd)]
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            try:
-                proc = subprocess.Popen(
-                    iso.command(workdir, disk_mb, _deny_read_paths(), argv), stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=err, cwd=workdir, env=env, pass_fds=(read_fd,), start_new_session=True,
-                    preexec_fn=_make_preexec(_limits(timeout_s, memory_mb, file_mb, max_processes, uid)))
-            finally:
-                os.close(read_fd)
-            # a thread: a payload bigger than the pipe buffer would block until the child reads it
-            writer = threading.Thread(target=_write_all, args=(write_fd, payload), daemon=True)
+        to_candidate_r, to_candidate_w = os.pipe()
+        from_candidate_r, from_candidate_w = os.pipe()
+        pipe_fds = [to_candidate_r, to_candidate_w, from_candidate_r, from_candidate_w]
+        with tempfile.TemporaryFile() as cand_out, tempfile.TemporaryFile() as run_out:
+            argv = [sys.executable, "-I", "-c", CANDIDATE, str(to_candidate_r), str(from_candidate_w)]
+            candidate = subprocess.Popen(
+                iso.command(workdir, disk_mb, _deny_read_paths(), argv), stdin=subprocess.DEVNULL,
+                stdout=cand_out, stderr=subprocess.STDOUT, cwd=workdir, env=env,
+                pass_fds=(to_candidate_r, from_candidate_w), start_new_session=True,
+                preexec_fn=_make_preexec(_limits(timeout_s, memory_mb, file_mb, max_processes, uid)))
+            runner = subprocess.Popen(
+                [sys.executable, "-I", "-c", RUNNER, str(to_candidate_w), str(from_candidate_r)],
+                stdin=subprocess.PIPE, stdout=run_out, stderr=subprocess.STDOUT, cwd=workdir, env=env,
+                pass_fds=(to_candidate_w, from_candidate_r), start_new_session=True,
+                preexec_fn=_make_preexec(_limits(timeout_s, memory_mb, file_mb, max_processes, os.geteuid())))
+            for fd in pipe_fds:  # each end now lives in one process only: a side that dies is an EOF to the other
+                os.close(fd)
+            pipe_fds = []
+            # a thread: a job bigger than the pipe buffer would block until the runner reads it
+            writer = threading.Thread(target=_write_all, args=(os.dup(runner.stdin.fileno()), job), daemon=True)
+            runner.stdin.close()
             writer.start()
             try:
-                rc = proc.wait(timeout=timeout_s)
+                rc = runner.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(proc)
-                rc = proc.wait()
+                _kill_group(runner)
+                rc = runner.wait()
             writer.join(timeout=5)
-            return _verdict_from(rc, timed_out, _tail(out, OUTPUT_TAIL_BYTES), _tail(err, OUTPUT_TAIL_BYTES),
-                                 token, source, timeout_s)
+            verdict = None if timed_out else _runner_verdict(_tail(run_out, OUTPUT_TAIL_BYTES), rc, source)
+            if verdict is not None and verdict.reason == f"failed: {ENDED}":
+                try:  # it closed its pipe: it is ending; its exit status says why
+                    candidate.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+            _kill_group(candidate)  # tests done (or timed out): the candidate's whole PID namespace goes
+            candidate_rc = candidate.wait()
+            if timed_out:
+                return Verdict(False, f"timed out (over {timeout_s:g} s)", source)
+            if verdict is None:
+                return Verdict(False, f"judge_error: the test runner ended without a verdict: "
+                                      f"{_tail(run_out, 600).strip()[-300:]}", source, judge_error=True)
+            if verdict.reason == f"failed: {ENDED}" and candidate_rc != -signal.SIGKILL:
+                return Verdict(False, _candidate_ending(candidate_rc), source)
+            return verdict
     except OSError as exc:  # could not even start it (no temp space, fd limit): a failed run, not a crash
         log.warning("sandbox could not run a program: %s", exc)
         return Verdict(False, f"judge_error: sandbox error: {exc}", source, judge_error=True)
     finally:
-        if proc is not None:
-            _kill_group(proc)  # whatever the program left behind in its group goes with it
+        for fd in pipe_fds:
+            os.close(fd)
+        for proc in (runner, candidate):
+            if proc is not None:
+                _kill_group(proc)  # whatever either left behind in its group goes with it
         remove_tree(workdir)
 
 
