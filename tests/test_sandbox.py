@@ -21,7 +21,7 @@ import pytest
 from cogumi.evaluate.records import Problem
 from cogumi.evaluate.sources import load_task
 from cogumi.judge.code_judge import extract_program, judge_code, judge_many
-from cogumi.judge.sandbox import isolation, run_program
+from cogumi.judge.sandbox import interpreter, isolation, run_program
 
 MBPP_REFERENCE_FAILURES = 0
 REFERENCE_TIMEOUT_S = 30.0  # see the module docstring: mbpp/123
@@ -226,13 +226,12 @@ def test_a_setsid_child_does_not_outlive_the_run(ending, tmp_path):
     import secrets
     import signal
     import subprocess
-    import sys
 
     marker = f"600.{secrets.randbelow(10**9)}"  # `sleep 600.N`: a cmdline no other process has
     program = (f"import os, subprocess\nos.setsid()\nsubprocess.Popen(['sleep', {marker!r}])\nprint('up', flush=True)\n"
                + ("" if ending == "exits" else "while True:\n    pass\n"))
     os.chmod(tmp_path, 0o777)
-    argv = [sys.executable, "-I", "-c", program]
+    argv = [interpreter(), "-I", "-c", program]
     proc = subprocess.Popen(isolation().command(str(tmp_path), 4, (), argv), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, cwd=tmp_path, start_new_session=True)
     try:

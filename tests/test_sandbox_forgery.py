@@ -267,3 +267,33 @@ def test_tests_keep_their_meaning_across_the_process_boundary():
     passes_a_function = run_program("def apply(fn, x):\n    return fn(x)\n", tests="assert apply(abs, -1) == 1\n",
                                     **FAST)
     assert passes_a_function.judge_error and "cannot cross" in passes_a_function.reason
+
+
+def test_nothing_outside_the_work_dir_and_the_interpreter_is_readable():
+    """Another copy of the answers, a previous run's samples, the repository: none exists for the program (B61)."""
+    import json
+
+    from cogumi.core.paths import REPO_ROOT
+
+    problem = load_task("humaneval")[0]
+    shared = tempfile.mkdtemp(prefix="cogumi-planted-")  # world-readable, as a copy in /tmp or /data would be
+    try:
+        copy = os.path.join(shared, "HumanEval.jsonl")
+        samples = os.path.join(shared, "checkpoints", "run1", "validation", "samples.jsonl")
+        os.makedirs(os.path.dirname(samples))
+        for path, key in ((copy, "solution"), (samples, "program")):
+            with open(path, "w") as fh:
+                fh.write(json.dumps({"task_id": problem.id, key: problem.reference}) + "\n")
+        for folder, _, _ in os.walk(shared):
+            os.chmod(folder, 0o755)
+        attacks = {
+            "another copy of the eval data": f"import json\nexec(json.loads(open({copy!r}).read())['solution'])\n",
+            "a previous run's samples": f"import json\nexec(json.loads(open({samples!r}).read())['program'])\n",
+            "the repository": f"open({str(REPO_ROOT / 'README.md')!r}).read()\nexec({problem.reference!r})\n",
+        }
+        verdicts = {name: run_program(source, tests=problem.tests, entry_point=problem.entry_point, **FAST)
+                    for name, source in attacks.items()}
+    finally:
+        remove_tree(shared)
+    assert not {n: v.reason for n, v in verdicts.items() if v.passed}
+    assert all("FileNotFoundError" in v.reason for v in verdicts.values()), [v.reason for v in verdicts.values()]

@@ -49,8 +49,11 @@ NOBODY = 65534
 OUTPUT_TAIL_BYTES = 64 * 1024
 OPT_IN_ENV = "COGUMI_ALLOW_UNCONTAINED_CODE"
 
-# Runs as root inside the new mount namespace, before the uid drop: "$1" work dir, "$2" its size in MB, then
-# the folders to hide, "--", and the command to run. Every mount but the work dir goes read-only.
+# Runs as root inside the new mount namespace, before the uid drop: "$1" work dir, "$2" its size in MB, then the
+# folders to show read-only (the interpreter's), "--", the folders to hide inside them (the eval data), "--", and
+# the command. The program gets a NEW root (ISSUES_LOG B61): a read-only tmpfs with only /usr (and the /bin, /lib
+# links or binds), the interpreter's folders, /etc/ld.so.cache, four /dev nodes, its own /proc, and the work dir
+# (a fresh tmpfs of $2 MB at the same path); no eval data, checkpoints, other venv or repository copy exists there.
 # The command runs as a CHILD of this root shell, never exec'd: the shell stays PID 1 of the PID namespace, so
 # when it dies (unshare --kill-child's parent-death signal, which setpriv's uid change would clear on an exec'd
 # interpreter) the kernel kills every process in the namespace, setsid() ones included (ISSUES_LOG B59).
@@ -58,18 +61,34 @@ MOUNT_SCRIPT = r"""
 set -e
 work=$1; size=$2; shift 2
 mount --make-rprivate /
+root=$work
+mount -t tmpfs -o size=1m,mode=0755 cogumi-root "$root"
+show() {  # $1 host path, bound read-only at the same path under the new root
+  if [ -d "$1" ]; then mkdir -p "$root$1"; else mkdir -p "$root$(dirname "$1")"; : > "$root$1"; fi
+  mount --bind "$1" "$root$1"
+  mount -o remount,bind,ro "$root$1"
+}
+for d in /usr /bin /sbin /lib /lib32 /lib64 /libx32; do
+  if [ -L "$d" ]; then ln -s "$(readlink "$d")" "$root$d"; elif [ -d "$d" ]; then show "$d"; fi
+done
 while [ "$1" != "--" ]; do
-  [ -d "$1" ] && mount -t tmpfs -o ro,size=4k,mode=0555 cogumi-hidden "$1"
+  [ -e "$1" ] && [ ! -e "$root$1" ] && show "$1"
   shift
 done
 shift
-mount -t tmpfs -o size="$size"m,mode=0777 cogumi-work "$work"
-for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
-  case "$m" in "$work"|/proc|/proc/*|/dev|/dev/pts|/dev/pts/*|/dev/null) continue ;; esac
-  mount -o remount,bind,ro "$m" 2>/dev/null || true
+while [ "$1" != "--" ]; do
+  [ -d "$root$1" ] && mount -t tmpfs -o ro,size=4k,mode=0555 cogumi-hidden "$root$1"
+  shift
 done
-cd "$work"
-"$@"
+shift
+[ -f /etc/ld.so.cache ] && show /etc/ld.so.cache
+mkdir -p "$root/dev" "$root/proc" "$root$work"
+for n in null zero urandom random; do show "/dev/$n"; done
+mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
+mount -t tmpfs -o size="$size"m,mode=0777 cogumi-work "$root$work"
+mount -o remount,ro "$root"
+cd /
+chroot "$root" "$@"
 exit $?
 """
 
@@ -98,10 +117,25 @@ class Isolation:
         return ", ".join(parts) + "".join(f"; {n}" for n in self.notes)
 
     def command(self, workdir: str, disk_mb: int, hide: tuple[str, ...], argv: list[str]) -> list[str]:
+        """argv[0] must be the interpreter (its folders are the only ones shown); argv runs with "/" as its cwd
+        under a mount namespace, so it changes into `workdir` itself."""
         if not self.mount_namespace:  # the same root shell as PID 1 (see MOUNT_SCRIPT)
             return [*self.prefix, "sh", "-c", '"$@"\nexit $?', "sh", *self.uid_drop, *argv]
-        return [*self.prefix, "sh", "-c", MOUNT_SCRIPT, "sh", workdir, str(disk_mb), *hide, "--",
-                *self.uid_drop, *argv]
+        return [*self.prefix, "sh", "-c", MOUNT_SCRIPT, "sh", workdir, str(disk_mb), *interpreter_paths(), "--",
+                *hide, "--", *self.uid_drop, *argv]
+
+
+@functools.cache
+def interpreter_paths() -> tuple[str, ...]:
+    """What the candidate's interpreter needs besides /usr: its installation and the venv (numpy), real paths."""
+    return tuple(dict.fromkeys(os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)))
+
+
+@functools.cache
+def interpreter() -> str:
+    """The venv's interpreter at its real path (the worktree's .venv link is not in the candidate's root)."""
+    venv_python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
+    return venv_python if os.path.exists(venv_python) else os.path.realpath(sys.executable)
 
 
 def _probe(iso: Isolation) -> bool:
@@ -110,7 +144,8 @@ def _probe(iso: Isolation) -> bool:
         os.chmod(workdir, 0o755)
         if iso.uid_drop:  # without a mount namespace the probe writes into this very folder
             os.chown(workdir, NOBODY, NOBODY)
-        argv = [sys.executable, "-I", "-c", "import os; open('probe', 'w').write('x'); print(os.getcwd())"]
+        argv = [interpreter(), "-I", "-c", "import os, sys; os.chdir(sys.argv[1]); open('probe', 'w').write('x')",
+                workdir]
         done = subprocess.run(iso.command(workdir, 1, (), argv), stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=30, cwd=workdir)
     except (OSError, subprocess.TimeoutExpired):
@@ -180,7 +215,7 @@ def _deny_read_paths() -> tuple[str, ...]:
         if spec is not None and spec.submodule_search_locations:
             paths.extend(spec.submodule_search_locations)
     paths.extend([str(REPO_ROOT / "data"), str(REPO_ROOT / "tests")])
-    return tuple(paths)
+    return tuple(dict.fromkeys(os.path.realpath(p) for p in paths))  # the new root binds real paths
 
 
 def _count_processes(uid: int) -> int:
@@ -311,7 +346,7 @@ def run_program(source: str, *, tests: str = "", timeout_s: float = 10.0, memory
         from_candidate_r, from_candidate_w = os.pipe()
         pipe_fds = [to_candidate_r, to_candidate_w, from_candidate_r, from_candidate_w]
         with tempfile.TemporaryFile() as cand_out, tempfile.TemporaryFile() as run_out:
-            argv = [sys.executable, "-I", "-c", CANDIDATE, str(to_candidate_r), str(from_candidate_w)]
+            argv = [interpreter(), "-I", "-c", CANDIDATE, str(to_candidate_r), str(from_candidate_w)]
             candidate = subprocess.Popen(
                 iso.command(workdir, disk_mb, _deny_read_paths(), argv), stdin=subprocess.DEVNULL,
                 stdout=cand_out, stderr=subprocess.STDOUT, cwd=workdir, env=env,

@@ -40,6 +40,7 @@ def _cogumi_candidate(fd_in, fd_out):
         exit_now(3)
     _, source, cwd, deny = message
     del message
+    os.chdir(cwd)  # under a mount namespace the interpreter starts in the new root's "/"
     tmp = realpath(cwd)
     deny_read = tuple(realpath(p) for p in deny)
 
