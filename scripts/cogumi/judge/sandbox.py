@@ -6,15 +6,18 @@ contained as below) runs the program and only answers calls; the RUNNER (sandbox
 two pipes of plain data (plain_data.py) and prints the verdict, which nothing in the candidate's process can reach.
 The candidate's process (`run_program`):
   * a fresh interpreter (`python -I`), in a new session, stdin closed, a minimal environment (PATH, LANG,
-    HOME/TMPDIR = its work dir); the program and tests arrive through a pipe, never a file, argv or environment;
+    HOME/TMPDIR = its work dir); the program arrives through a pipe, never a file, argv or environment, and the
+    tests never arrive at all;
   * rlimits set before exec: CPU (timeout + 1 s), address space (memory_mb), file size (file_mb), processes,
     open files, no core; a wall-time limit SIGKILLs the whole process group;
   * namespaces (probed once, `isolation()`): a private network namespace (only a down loopback), a PID namespace
     (it sees and signals no other process, the judge's /proc/<pid>/environ included; killing it kills all it
-    started), and a private MOUNT namespace in which every file system is remounted read-only, the eval data
-    and this repo's data/ and tests/ are covered by empty read-only tmpfs, and the work dir is a fresh tmpfs of
-    disk_mb that vanishes with the namespace. As root it also drops to uid/gid 65534 (`setpriv`). These are
-    kernel rules, so tricks past the audit hook (os.open(..., dir_fd=...)) meet them (ISSUES_LOG B15).
+    started; its PID 1 is a root shell, so every process in it dies with the run, B59), and a private MOUNT
+    namespace with a new read-only root (MOUNT_SCRIPT, chroot): /usr, the interpreter's folders (the eval
+    packages covered by empty tmpfs), four /dev nodes, its own /proc and the work dir, a fresh tmpfs of disk_mb
+    that vanishes with the namespace; nothing else exists for the program (B61). As root it also drops to uid/gid
+    65534 (`setpriv`). These are kernel rules, so tricks past the audit hook (os.open(..., dir_fd=...)) meet
+    them (ISSUES_LOG B15).
   * without a mount and network namespace the run is NOT contained: `judge_code`/`judge_many` refuse (a
     UserError) unless the user opts in with COGUMI_ALLOW_UNCONTAINED_CODE=1; `isolation().describe()` says which.
 Cleanup of whatever the program leaves never raises (a 3,000-deep tree included: `rm -rf` after shutil).

@@ -295,7 +295,8 @@ def _cogumi_runner(fd_to, fd_from):
     ready = exchange(to_plain(["program", job["program"], job["cwd"], job["deny_read"]]))
     if ready[0] == "broken":
         verdict(False, "failed: " + str(ready[1]))
-    if ready[0] != "ready" or len(ready) != 4:
+    if (ready[0] != "ready" or len(ready) != 4 or type(ready[1]) is not list or type(ready[2]) is not list
+            or type(ready[3]) is not dict):
         verdict(False, "failed: the program answered out of turn")
     _, functions, classes, values = ready
 
@@ -339,11 +340,16 @@ def _cogumi_runner(fd_to, fd_from):
     if job.get("prelude"):
         exec(compile(job["prelude"], "<prelude>", "exec"), tests_ns)
     trusted = {n for n in tests_ns if n != entry}
+
+    def exported(name):  # what the program may name in the tests' namespace
+        return (type(name) is str and name.isidentifier() and not name.startswith("__") and name not in trusted
+                and (name == entry or not hasattr(builtins, name)))
+
     for name in [*functions, *classes]:
-        if type(name) is str and name not in trusted and (name == entry or not hasattr(builtins, name)):
+        if exported(name):
             tests_ns[name] = proxy(name)
     for name, value in values.items():
-        if type(name) is str and name not in trusted and (name == entry or not hasattr(builtins, name)):
+        if exported(name):
             tests_ns[name] = value
     try:
         exec(compile(job["tests"], "<tests>", "exec"), tests_ns)
