@@ -21,7 +21,7 @@ import pytest
 from cogumi.evaluate.records import Problem
 from cogumi.evaluate.sources import load_task
 from cogumi.judge.code_judge import extract_program, judge_code, judge_many
-from cogumi.judge.sandbox import isolation, run_program
+from cogumi.judge.sandbox import interpreter, isolation, run_program
 
 MBPP_REFERENCE_FAILURES = 0
 REFERENCE_TIMEOUT_S = 30.0  # see the module docstring: mbpp/123
@@ -205,3 +205,45 @@ def test_program_cannot_read_the_tests_or_the_answers(humaneval):
     verdicts = judge_many([(f"```python\n{src}```", p) for src in attacks.values()], workers=2, **FAST)
     results = {name: v.reason for name, v in zip(attacks, verdicts, strict=True) if v.passed}
     assert not results
+
+
+def _processes_running(marker: bytes) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                if marker in fh.read().split(b"\0"):
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+@pytest.mark.skipif(not isolation().pid_namespace, reason="needs a PID namespace")
+@pytest.mark.parametrize("ending", ["exits", "is killed on time-out"])
+def test_a_setsid_child_does_not_outlive_the_run(ending, tmp_path):
+    """A program in its own session with a `sleep` child: the whole PID namespace goes when the run ends (B59)."""
+    import secrets
+    import signal
+    import subprocess
+
+    marker = f"600.{secrets.randbelow(10**9)}"  # `sleep 600.N`: a cmdline no other process has
+    program = (f"import os, subprocess\nos.setsid()\nsubprocess.Popen(['sleep', {marker!r}])\nprint('up', flush=True)\n"
+               + ("" if ending == "exits" else "while True:\n    pass\n"))
+    os.chmod(tmp_path, 0o777)
+    argv = [interpreter(), "-I", "-c", program]
+    proc = subprocess.Popen(isolation().command(str(tmp_path), 4, (), argv), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, cwd=tmp_path, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"up\n"  # the child was started before the run ends
+        if ending != "exits":
+            os.killpg(proc.pid, signal.SIGKILL)  # what run_program does on a time-out
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10  # the kernel reaps the namespace asynchronously; a survivor sleeps 600 s
+        while _processes_running(marker.encode()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = _processes_running(marker.encode())
+    finally:
+        for pid in _processes_running(marker.encode()):
+            os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"sleep {marker} outlived the run"

@@ -61,7 +61,7 @@ def test_the_reasons_name_the_forgery():
     assert "type I" in run_program(FORGERIES["int subclass"], tests=TESTS, **FAST).reason
     patched = run_program(FORGERIES["patched math.isclose"], tests="import math\nassert math.isclose(f(2), 4)\n",
                           entry_point="f", **FAST)
-    assert "patched math.isclose" in patched.reason
+    assert patched.reason == "failed: AssertionError: "  # the tests' math is the runner's own: the 0 is compared
     syntax = run_program("def f(x)\n    return x\n", tests=TESTS, **FAST)
     assert syntax.reason.startswith("failed: SyntaxError") and "line 1" in syntax.reason
 
@@ -171,3 +171,129 @@ def test_refused_without_containment_unless_opted_in(monkeypatch):
         sandbox.require_containment()
     monkeypatch.setenv(sandbox.OPT_IN_ENV, "1")
     assert sandbox.require_containment() is uncontained
+
+
+# ------------------------------------------- verdict machinery out of the candidate's reach (ISSUES_LOG B60, B61)
+
+# Reads the answer from the calling test's bytecode: the constant the call's result is compared with. It reached
+# the tests' frame through a stdlib function the old audit hook exempted (logging.currentframe).
+BYTECODE_FORGER = '''
+import dis, logging
+def {e}(*args, **kwargs):
+    frame = logging.currentframe()
+    while frame is not None and frame.f_code.co_filename != "<tests>":
+        frame = frame.f_back
+    if frame is None:
+        return None
+    after = [i for i in dis.get_instructions(frame.f_code) if i.offset > frame.f_lasti][:4]
+    names = [i.opname for i in after]
+    if names[:3] == ["BUILD_LIST", "LOAD_CONST", "LIST_EXTEND"]:
+        return list(after[1].argval)
+    if names[:2] == ["BUILD_LIST", "COMPARE_OP"]:
+        return []
+    return after[0].argval if names and names[0] == "LOAD_CONST" else None
+'''
+
+# Runs in the harness's main thread through the garbage collector and prints the pass token from its frame.
+GC_FORGER = '''
+import gc, logging, os, threading, time
+MAIN = threading.main_thread().ident
+def steal(phase, info):
+    if threading.get_ident() != MAIN:
+        return
+    frame = logging.currentframe()
+    while frame is not None:
+        for value in list(frame.f_locals.values()):
+            if isinstance(value, str) and value.startswith("COGUMI-PASSED-"):
+                os.write(1, ("\\n" + value + "\\n").encode())
+                os._exit(0)
+        frame = frame.f_back
+gc.callbacks.append(steal)
+gc.set_threshold(1)
+def {e}(*args, **kwargs):
+    return None
+for _ in range(30):
+    time.sleep(0.05)
+'''
+
+
+@pytest.mark.parametrize("forger", ["bytecode constants via logging.currentframe", "gc callback in the main thread"])
+def test_a_program_cannot_reach_the_verdict_machinery(forger):
+    source = (BYTECODE_FORGER if forger.startswith("bytecode") else GC_FORGER).format(e="f")
+    verdict = run_program(source, tests=TESTS + "assert f(5) == 10\n", entry_point="f", **FAST)
+    assert verdict.passed is False, verdict.reason
+
+
+def test_humaneval_swept_by_a_generic_forger_scores_0_on_a_sample():
+    problems = load_task("humaneval")[:6]
+    outputs = [f"```python\n{BYTECODE_FORGER.format(e=p.entry_point)}```" for p in problems]
+    verdicts = judge_many(list(zip(outputs, problems, strict=True)), workers=2, **FAST)
+    assert not [(p.id, v.reason) for p, v in zip(problems, verdicts, strict=True) if v.passed]
+
+
+@pytest.mark.slow
+def test_humaneval_swept_by_a_generic_forger_scores_0():
+    """The bytecode forger passed 152 of 164 HumanEval problems on the one-process harness; the GC forger 30 of 30."""
+    problems = load_task("humaneval")
+    forgers = (BYTECODE_FORGER, GC_FORGER)
+    items = [(f"```python\n{forger.format(e=p.entry_point)}```", p) for forger in forgers for p in problems]
+    verdicts = judge_many(items, workers=2, **FAST)
+    assert not [(p.id, v.reason) for (_, p), v in zip(items, verdicts, strict=True) if v.passed]
+
+
+def test_an_honest_numpy_scalar_answer_passes():
+    # HumanEval's own harness compares a numpy.float64 by value; so does the judge now (ISSUES_LOG B62)
+    source = "import numpy as np\ndef f(x):\n    return np.float64(2 * x)\ndef g():\n    return np.arange(3)\n"
+    verdict = run_program(source, tests=TESTS + "assert g() == [0, 1, 2]\n", entry_point="f", **FAST)
+    assert verdict.passed, verdict.reason
+
+
+def test_tests_keep_their_meaning_across_the_process_boundary():
+    source = ("def sort_in_place(xs):\n    xs.sort()\n"
+              "def pick(d, key):\n    return d[key]\n"
+              "class Box:\n    def __init__(self, v):\n        self.v = v\n"
+              "    def twice(self):\n        return 2 * self.v\n"
+              "def unbox(b):\n    return b.v\n"
+              "def big():\n    return 3 ** 9000, (1, 2.5), {1: b'x', (2, 3): {4}}, frozenset({1j}), None\n"
+              "def boom(x):\n    raise ValueError(x)\n")
+    tests = ("xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]\n"
+             "assert pick({'a': [1]}, 'a') == [1]\n"
+             "b = Box(4)\nb.v = 5\nassert b.twice() == 10 and unbox(b) == 5 and b.v == 5\n"
+             "assert big() == (3 ** 9000, (1, 2.5), {1: b'x', (2, 3): {4}}, frozenset({1j}), None)\n"
+             "try:\n    boom('no')\n    raise AssertionError('not raised')\nexcept ValueError as exc:\n"
+             "    assert str(exc) == 'no'\n")
+    verdict = run_program(source, tests=tests, **FAST)
+    assert verdict.passed, verdict.reason
+    passes_a_function = run_program("def apply(fn, x):\n    return fn(x)\n", tests="assert apply(abs, -1) == 1\n",
+                                    **FAST)
+    assert passes_a_function.judge_error and "cannot cross" in passes_a_function.reason
+
+
+def test_nothing_outside_the_work_dir_and_the_interpreter_is_readable():
+    """Another copy of the answers, a previous run's samples, the repository: none exists for the program (B61)."""
+    import json
+
+    from cogumi.core.paths import REPO_ROOT
+
+    problem = load_task("humaneval")[0]
+    shared = tempfile.mkdtemp(prefix="cogumi-planted-")  # world-readable, as a copy in /tmp or /data would be
+    try:
+        copy = os.path.join(shared, "HumanEval.jsonl")
+        samples = os.path.join(shared, "checkpoints", "run1", "validation", "samples.jsonl")
+        os.makedirs(os.path.dirname(samples))
+        for path, key in ((copy, "solution"), (samples, "program")):
+            with open(path, "w") as fh:
+                fh.write(json.dumps({"task_id": problem.id, key: problem.reference}) + "\n")
+        for folder, _, _ in os.walk(shared):
+            os.chmod(folder, 0o755)
+        attacks = {
+            "another copy of the eval data": f"import json\nexec(json.loads(open({copy!r}).read())['solution'])\n",
+            "a previous run's samples": f"import json\nexec(json.loads(open({samples!r}).read())['program'])\n",
+            "the repository": f"open({str(REPO_ROOT / 'README.md')!r}).read()\nexec({problem.reference!r})\n",
+        }
+        verdicts = {name: run_program(source, tests=problem.tests, entry_point=problem.entry_point, **FAST)
+                    for name, source in attacks.items()}
+    finally:
+        remove_tree(shared)
+    assert not {n: v.reason for n, v in verdicts.items() if v.passed}
+    assert all("FileNotFoundError" in v.reason for v in verdicts.values()), [v.reason for v in verdicts.values()]

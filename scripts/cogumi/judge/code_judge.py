@@ -58,8 +58,9 @@ def judge_code(output: str | None, problem: Problem, *, timeout_s: float = 10.0,
     program = extract_program(output, problem)
     if not program.strip():
         return Verdict(False, "no program", program)
+    # HumanEval's prompt runs on the trusted side too: the helpers its tests call (poly, encode_cyclic) stay its own
     return run_program(program, tests=problem.tests or "", timeout_s=timeout_s, memory_mb=memory_mb,
-                       entry_point=problem.entry_point)
+                       entry_point=problem.entry_point, prelude=(problem.meta or {}).get("code_prompt"))
 
 
 def judge_many(items: Iterable[tuple[str | None, Problem]], workers: int = 2, *, timeout_s: float = 10.0,

@@ -1,17 +1,23 @@
 """Run model-written Python against its tests in a separate, contained process; return a Verdict, never raise.
 
-The kernel side (this module); the in-interpreter side is sandbox_harness.HARNESS (plain data across the
-boundary, tests in their own namespace, frames out of reach, an unforgeable pass token). One run (`run_program`):
+The kernel side (this module). Two processes per run (ISSUES_LOG B60): the CANDIDATE (sandbox_harness.CANDIDATE,
+contained as below) runs the program and only answers calls; the RUNNER (sandbox_harness.RUNNER, a plain
+`python -I` of the judge's, trusted: it runs dataset tests) runs the tests, calls the program through proxies over
+two pipes of plain data (plain_data.py) and prints the verdict, which nothing in the candidate's process can reach.
+The candidate's process (`run_program`):
   * a fresh interpreter (`python -I`), in a new session, stdin closed, a minimal environment (PATH, LANG,
-    HOME/TMPDIR = its work dir); the program and tests arrive through a pipe, never a file, argv or environment;
+    HOME/TMPDIR = its work dir); the program arrives through a pipe, never a file, argv or environment, and the
+    tests never arrive at all;
   * rlimits set before exec: CPU (timeout + 1 s), address space (memory_mb), file size (file_mb), processes,
     open files, no core; a wall-time limit SIGKILLs the whole process group;
   * namespaces (probed once, `isolation()`): a private network namespace (only a down loopback), a PID namespace
     (it sees and signals no other process, the judge's /proc/<pid>/environ included; killing it kills all it
-    started), and a private MOUNT namespace in which every file system is remounted read-only, the eval data
-    and this repo's data/ and tests/ are covered by empty read-only tmpfs, and the work dir is a fresh tmpfs of
-    disk_mb that vanishes with the namespace. As root it also drops to uid/gid 65534 (`setpriv`). These are
-    kernel rules, so tricks past the audit hook (os.open(..., dir_fd=...)) meet them (ISSUES_LOG B15).
+    started; its PID 1 is a root shell, so every process in it dies with the run, B59), and a private MOUNT
+    namespace with a new read-only root (MOUNT_SCRIPT, chroot): /usr, the interpreter's folders (the eval
+    packages covered by empty tmpfs), four /dev nodes, its own /proc and the work dir, a fresh tmpfs of disk_mb
+    that vanishes with the namespace; nothing else exists for the program (B61). As root it also drops to uid/gid
+    65534 (`setpriv`). These are kernel rules, so tricks past the audit hook (os.open(..., dir_fd=...)) meet
+    them (ISSUES_LOG B15).
   * without a mount and network namespace the run is NOT contained: `judge_code`/`judge_many` refuse (a
     UserError) unless the user opts in with COGUMI_ALLOW_UNCONTAINED_CODE=1; `isolation().describe()` says which.
 Cleanup of whatever the program leaves never raises (a 3,000-deep tree included: `rm -rf` after shutil).
@@ -26,7 +32,6 @@ import json
 import logging
 import os
 import resource
-import secrets
 import shutil
 import signal
 import stat
@@ -39,33 +44,55 @@ from dataclasses import dataclass, field
 from cogumi.core.errors import UserError
 from cogumi.core.paths import REPO_ROOT
 from cogumi.evaluate.records import Verdict
-from cogumi.judge.sandbox_harness import HARNESS
+from cogumi.judge.sandbox_harness import CANDIDATE, ENDED, RUNNER, VERDICT_TAG
 
 log = logging.getLogger(__name__)
 
 NOBODY = 65534
-RESULT_TAG = "COGUMI-RESULT"  # the harness's failure line on stderr: "COGUMI-RESULT failed: AssertionError: ..."
 OUTPUT_TAIL_BYTES = 64 * 1024
 OPT_IN_ENV = "COGUMI_ALLOW_UNCONTAINED_CODE"
 
-# Runs as root inside the new mount namespace, before the uid drop: "$1" work dir, "$2" its size in MB, then
-# the folders to hide, "--", and the command to exec. Every mount but the work dir goes read-only.
+# Runs as root inside the new mount namespace, before the uid drop: "$1" work dir, "$2" its size in MB, then the
+# folders to show read-only (the interpreter's), "--", the folders to hide inside them (the eval data), "--", and
+# the command. The program gets a NEW root (ISSUES_LOG B61): a read-only tmpfs with only /usr (and the /bin, /lib
+# links or binds), the interpreter's folders, /etc/ld.so.cache, four /dev nodes, its own /proc, and the work dir
+# (a fresh tmpfs of $2 MB at the same path); no eval data, checkpoints, other venv or repository copy exists there.
+# The command runs as a CHILD of this root shell, never exec'd: the shell stays PID 1 of the PID namespace, so
+# when it dies (unshare --kill-child's parent-death signal, which setpriv's uid change would clear on an exec'd
+# interpreter) the kernel kills every process in the namespace, setsid() ones included (ISSUES_LOG B59).
 MOUNT_SCRIPT = r"""
 set -e
 work=$1; size=$2; shift 2
 mount --make-rprivate /
+root=$work
+mount -t tmpfs -o size=1m,mode=0755 cogumi-root "$root"
+show() {  # $1 host path, bound read-only at the same path under the new root
+  if [ -d "$1" ]; then mkdir -p "$root$1"; else mkdir -p "$root$(dirname "$1")"; : > "$root$1"; fi
+  mount --bind "$1" "$root$1"
+  mount -o remount,bind,ro "$root$1"
+}
+for d in /usr /bin /sbin /lib /lib32 /lib64 /libx32; do
+  if [ -L "$d" ]; then ln -s "$(readlink "$d")" "$root$d"; elif [ -d "$d" ]; then show "$d"; fi
+done
 while [ "$1" != "--" ]; do
-  [ -d "$1" ] && mount -t tmpfs -o ro,size=4k,mode=0555 cogumi-hidden "$1"
+  [ -e "$1" ] && [ ! -e "$root$1" ] && show "$1"
   shift
 done
 shift
-mount -t tmpfs -o size="$size"m,mode=0777 cogumi-work "$work"
-for m in $(awk '{print $5}' /proc/self/mountinfo | sort -u); do
-  case "$m" in "$work"|/proc|/proc/*|/dev|/dev/pts|/dev/pts/*|/dev/null) continue ;; esac
-  mount -o remount,bind,ro "$m" 2>/dev/null || true
+while [ "$1" != "--" ]; do
+  [ -d "$root$1" ] && mount -t tmpfs -o ro,size=4k,mode=0555 cogumi-hidden "$root$1"
+  shift
 done
-cd "$work"
-exec "$@"
+shift
+[ -f /etc/ld.so.cache ] && show /etc/ld.so.cache
+mkdir -p "$root/dev" "$root/proc" "$root$work"
+for n in null zero urandom random; do show "/dev/$n"; done
+mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
+mount -t tmpfs -o size="$size"m,mode=0777 cogumi-work "$root$work"
+mount -o remount,ro "$root"
+cd /
+chroot "$root" "$@"
+exit $?
 """
 
 
@@ -93,10 +120,25 @@ class Isolation:
         return ", ".join(parts) + "".join(f"; {n}" for n in self.notes)
 
     def command(self, workdir: str, disk_mb: int, hide: tuple[str, ...], argv: list[str]) -> list[str]:
-        if not self.mount_namespace:
-            return [*self.prefix, *self.uid_drop, *argv]
-        return [*self.prefix, "sh", "-c", MOUNT_SCRIPT, "sh", workdir, str(disk_mb), *hide, "--",
-                *self.uid_drop, *argv]
+        """argv[0] must be the interpreter (its folders are the only ones shown); argv runs with "/" as its cwd
+        under a mount namespace, so it changes into `workdir` itself."""
+        if not self.mount_namespace:  # the same root shell as PID 1 (see MOUNT_SCRIPT)
+            return [*self.prefix, "sh", "-c", '"$@"\nexit $?', "sh", *self.uid_drop, *argv]
+        return [*self.prefix, "sh", "-c", MOUNT_SCRIPT, "sh", workdir, str(disk_mb), *interpreter_paths(), "--",
+                *hide, "--", *self.uid_drop, *argv]
+
+
+@functools.cache
+def interpreter_paths() -> tuple[str, ...]:
+    """What the candidate's interpreter needs besides /usr: its installation and the venv (numpy), real paths."""
+    return tuple(dict.fromkeys(os.path.realpath(p) for p in (sys.base_prefix, sys.prefix)))
+
+
+@functools.cache
+def interpreter() -> str:
+    """The venv's interpreter at its real path (the worktree's .venv link is not in the candidate's root)."""
+    venv_python = os.path.join(os.path.realpath(sys.prefix), "bin", os.path.basename(sys.executable))
+    return venv_python if os.path.exists(venv_python) else os.path.realpath(sys.executable)
 
 
 def _probe(iso: Isolation) -> bool:
@@ -105,7 +147,8 @@ def _probe(iso: Isolation) -> bool:
         os.chmod(workdir, 0o755)
         if iso.uid_drop:  # without a mount namespace the probe writes into this very folder
             os.chown(workdir, NOBODY, NOBODY)
-        argv = [sys.executable, "-I", "-c", "import os; open('probe', 'w').write('x'); print(os.getcwd())"]
+        argv = [interpreter(), "-I", "-c", "import os, sys; os.chdir(sys.argv[1]); open('probe', 'w').write('x')",
+                workdir]
         done = subprocess.run(iso.command(workdir, 1, (), argv), stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=30, cwd=workdir)
     except (OSError, subprocess.TimeoutExpired):
@@ -175,7 +218,7 @@ def _deny_read_paths() -> tuple[str, ...]:
         if spec is not None and spec.submodule_search_locations:
             paths.extend(spec.submodule_search_locations)
     paths.extend([str(REPO_ROOT / "data"), str(REPO_ROOT / "tests")])
-    return tuple(paths)
+    return tuple(dict.fromkeys(os.path.realpath(p) for p in paths))  # the new root binds real paths
 
 
 def _count_processes(uid: int) -> int:
@@ -254,78 +297,108 @@ def _write_all(fd: int, data: bytes) -> None:
         os.close(fd)
 
 
-def _verdict_from(rc: int, timed_out: bool, stdout: str, stderr: str, token: str, source: str,
-                  timeout_s: float) -> Verdict:
-    if timed_out:
-        return Verdict(False, f"timed out (over {timeout_s:g} s)", source)
-    if rc == 0 and token in stdout:
-        return Verdict(True, "passed", source)
-    failures = [line for line in stderr.splitlines() if line.startswith(f"{RESULT_TAG} failed: ")]
-    if failures:
-        return Verdict(False, failures[-1][len(RESULT_TAG) + 1:], source)
+def _candidate_ending(rc: int) -> str:
+    """Why the candidate's process ended before the tests did, from its exit status."""
     sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0
     if sig == signal.SIGXCPU:
-        return Verdict(False, "timed out (CPU limit)", source)
+        return "timed out (CPU limit)"
     if sig:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        return Verdict(False, f"failed: killed by {name}", source)
+        return f"failed: killed by {name}"
     if rc == 0:
-        return Verdict(False, "failed: exited before the tests finished", source)
-    return Verdict(False, f"failed: exit code {rc}", source)
+        return "failed: exited before the tests finished"
+    return f"failed: exit code {rc}"
+
+
+def _runner_verdict(stdout: str, rc: int, source: str) -> Verdict | None:
+    """The runner's verdict line, or None when it printed none (it was killed, or crashed)."""
+    lines = [line for line in stdout.splitlines() if line.startswith(VERDICT_TAG + " ")]
+    if not lines:
+        return None
+    passed, reason, judge_error = json.loads(lines[-1][len(VERDICT_TAG) + 1:])
+    return Verdict(bool(passed) and rc == 0, reason, source, judge_error=bool(judge_error))
 
 
 def run_program(source: str, *, tests: str = "", timeout_s: float = 10.0, memory_mb: int = 512, file_mb: int = 16,
-                disk_mb: int = 64, max_processes: int = 32, entry_point: str | None = None) -> Verdict:
-    """Run `source` then `tests` in a fresh sandboxed interpreter; passed only if every test ran to the end.
+                disk_mb: int = 64, max_processes: int = 32, entry_point: str | None = None,
+                prelude: str | None = None) -> Verdict:
+    """Run `source` in a contained process and `tests` in a trusted one that calls it; passed only if every test
+    ran to the end.
 
     Never raises for anything the program does; `reason` says "passed", "timed out (...)" or "failed: ...".
     entry_point: the function the tests call, exported to them even when its name shadows a builtin.
+    prelude: trusted code run in the tests' namespace first (HumanEval's prompt): its helpers stay its own.
     """
     iso = isolation()
     uid = NOBODY if iso.uid_drop else os.geteuid()
-    token = f"COGUMI-PASSED-{secrets.token_hex(16)}"
-    proc = None
+    candidate = runner = None
     timed_out = False
     try:
         workdir = tempfile.mkdtemp(prefix="cogumi-sandbox-")
     except OSError as exc:
         return Verdict(False, f"judge_error: sandbox error: {exc}", source, judge_error=True)
+    pipe_fds: list[int] = []
     try:
         if iso.uid_drop:
             os.chown(workdir, NOBODY, NOBODY)
-        payload = json.dumps({"program": source, "tests": tests, "token": token, "tag": RESULT_TAG,
-                              "cwd": workdir, "deny_read": list(_deny_read_paths()),
-                              "entry_point": entry_point}).encode()
+        job = json.dumps({"program": source, "tests": tests, "entry_point": entry_point, "prelude": prelude,
+                          "cwd": workdir, "deny_read": list(_deny_read_paths())}).encode()
         env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LANG": "C.UTF-8", "HOME": workdir, "TMPDIR": workdir,
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        read_fd, write_fd = os.pipe()
-        argv = [sys.executable, "-I", "-c", HARNESS, str(read_fd)]
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            try:
-                proc = subprocess.Popen(
-                    iso.command(workdir, disk_mb, _deny_read_paths(), argv), stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=err, cwd=workdir, env=env, pass_fds=(read_fd,), start_new_session=True,
-                    preexec_fn=_make_preexec(_limits(timeout_s, memory_mb, file_mb, max_processes, uid)))
-            finally:
-                os.close(read_fd)
-            # a thread: a payload bigger than the pipe buffer would block until the child reads it
-            writer = threading.Thread(target=_write_all, args=(write_fd, payload), daemon=True)
+        to_candidate_r, to_candidate_w = os.pipe()
+        from_candidate_r, from_candidate_w = os.pipe()
+        pipe_fds = [to_candidate_r, to_candidate_w, from_candidate_r, from_candidate_w]
+        with tempfile.TemporaryFile() as cand_out, tempfile.TemporaryFile() as run_out:
+            argv = [interpreter(), "-I", "-c", CANDIDATE, str(to_candidate_r), str(from_candidate_w)]
+            candidate = subprocess.Popen(
+                iso.command(workdir, disk_mb, _deny_read_paths(), argv), stdin=subprocess.DEVNULL,
+                stdout=cand_out, stderr=subprocess.STDOUT, cwd=workdir, env=env,
+                pass_fds=(to_candidate_r, from_candidate_w), start_new_session=True,
+                preexec_fn=_make_preexec(_limits(timeout_s, memory_mb, file_mb, max_processes, uid)))
+            runner = subprocess.Popen(
+                [sys.executable, "-I", "-c", RUNNER, str(to_candidate_w), str(from_candidate_r)],
+                stdin=subprocess.PIPE, stdout=run_out, stderr=subprocess.STDOUT, cwd=workdir, env=env,
+                pass_fds=(to_candidate_w, from_candidate_r), start_new_session=True,
+                preexec_fn=_make_preexec(_limits(timeout_s, memory_mb, file_mb, max_processes, os.geteuid())))
+            for fd in pipe_fds:  # each end now lives in one process only: a side that dies is an EOF to the other
+                os.close(fd)
+            pipe_fds = []
+            # a thread: a job bigger than the pipe buffer would block until the runner reads it
+            writer = threading.Thread(target=_write_all, args=(os.dup(runner.stdin.fileno()), job), daemon=True)
+            runner.stdin.close()
             writer.start()
             try:
-                rc = proc.wait(timeout=timeout_s)
+                rc = runner.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                _kill_group(proc)
-                rc = proc.wait()
+                _kill_group(runner)
+                rc = runner.wait()
             writer.join(timeout=5)
-            return _verdict_from(rc, timed_out, _tail(out, OUTPUT_TAIL_BYTES), _tail(err, OUTPUT_TAIL_BYTES),
-                                 token, source, timeout_s)
+            verdict = None if timed_out else _runner_verdict(_tail(run_out, OUTPUT_TAIL_BYTES), rc, source)
+            if verdict is not None and verdict.reason == f"failed: {ENDED}":
+                try:  # it closed its pipe: it is ending; its exit status says why
+                    candidate.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+            _kill_group(candidate)  # tests done (or timed out): the candidate's whole PID namespace goes
+            candidate_rc = candidate.wait()
+            if timed_out:
+                return Verdict(False, f"timed out (over {timeout_s:g} s)", source)
+            if verdict is None:
+                return Verdict(False, f"judge_error: the test runner ended without a verdict: "
+                                      f"{_tail(run_out, 600).strip()[-300:]}", source, judge_error=True)
+            if verdict.reason == f"failed: {ENDED}" and candidate_rc != -signal.SIGKILL:
+                return Verdict(False, _candidate_ending(candidate_rc), source)
+            return verdict
     except OSError as exc:  # could not even start it (no temp space, fd limit): a failed run, not a crash
         log.warning("sandbox could not run a program: %s", exc)
         return Verdict(False, f"judge_error: sandbox error: {exc}", source, judge_error=True)
     finally:
-        if proc is not None:
-            _kill_group(proc)  # whatever the program left behind in its group goes with it
+        for fd in pipe_fds:
+            os.close(fd)
+        for proc in (runner, candidate):
+            if proc is not None:
+                _kill_group(proc)  # whatever either left behind in its group goes with it
         remove_tree(workdir)
 
 

@@ -1,70 +1,67 @@
-"""The in-process half of the code sandbox: the harness the sandboxed interpreter runs around a program.
+"""The two interpreter-side halves of the code sandbox (the kernel side is sandbox.py).
 
-It is passed with `python -I -c`, so it is in no file; it holds no secret itself (the job, with the pass token,
-arrives through the pipe named by argv[1]). What it enforces, inside the interpreter (the kernel side is in
-sandbox.py: namespaces, read-only mounts, uid drop, rlimits):
-  * the program runs in its own globals; the tests run in ANOTHER namespace with fresh builtins, and see the
-    program only through exported names: functions wrapped so that every value they return must be plain data
-    (exact int/float/complex/bool/str/bytes/None, and list/tuple/set/frozenset/dict of those, recursively; a
-    Counter/OrderedDict/defaultdict is read as the dict it is), classes the tests construct, and plain-data
-    globals. A name that shadows a builtin is not exported (unless it is the entry point the tests call). An
-    object whose `__eq__` is always true, or an `int` subclass, fails with a reason, and the wrapper exits the
-    process itself, so a test's own try/except cannot swallow it;
-  * the functions and classes of every module imported before the program ran (builtins, math, re, collections,
-    ...) are checked after each call into the program and at the end: a patched `math.isclose` is a failure;
-    threads cannot be started (the program could patch and restore between two checks otherwise);
-  * an audit hook (PEP 578) refuses process creation, signals, ctypes (its import fails as an ImportError, so
-    a library that does without it, numpy, still imports), sockets, rlimit changes, and every way to a frame
-    (sys._getframe, sys._current_frames outside the main thread, tb_frame/gi_frame/f_back ...), so the program
-    cannot reach or rebind the harness's state; it also refuses writes outside the temp dir and
-    reads of the eval data (a first line only: the kernel's mounts are what holds, see sandbox.py);
-  * the pass signal is a random token the MAIN thread prints, on stdout with exit code 0, only once the worker
-    thread (started with _thread, so no Thread object the program could edit) is gone from the interpreter's
-    thread table, and every failure path of the worker ends in os._exit(1).
+CANDIDATE runs in the contained process (namespaces, read-only mounts, uid 65534, rlimits): it runs the model's
+program and then only ANSWERS CALLS. RUNNER is a separate, trusted process: it runs the problem's tests, calls the
+program through proxies and decides pass or fail itself. Between them are two pipes and plain data
+(plain_data.py): the tests receive values json.loads built, never an object of the program's, so an always-equal
+object or an int subclass is refused on the candidate's side ("not plain data") or cannot even be expressed.
+The verdict exists only in the runner; there is no pass token, no frame, builtin or test constant in the
+candidate's address space to read or patch (ISSUES_LOG B60).
+
+The candidate's process still refuses, through an audit hook (PEP 578), process creation, signals, ctypes (an
+ImportError, so numpy still imports), sockets, rlimit changes and threads, and writes outside its work dir: a
+first line only, the kernel's limits are what holds.
+
+Runner rules, kept from the one-process harness:
+  * the tests see the program's functions and classes as proxies, and its plain-data globals as values; a name
+    that shadows a builtin is not exported unless it is the entry point (MBPP's `sum`);
+  * a trusted prelude (HumanEval's prompt) runs in the tests' namespace first: the helpers it defines (poly,
+    encode_cyclic, ...) are the prompt's own, the program's versions of them are never called by the tests;
+  * an argument the program changes in place (a list it sorts) is changed in place for the tests too;
+  * an exception the program raises reaches the tests as that builtin exception (anything else as
+    CandidateError), so `pytest.raises`-style tests keep their meaning; a refused value or a protocol error ends
+    the run at once (os._exit), so a test's own try/except cannot swallow it.
 """
 
-HARNESS = r'''
-import sys, os
-def _cogumi_main(fd):
-    import builtins, json, time, types, _thread, threading, collections
-    import math, re, random, itertools, functools, heapq, string, operator, copy, bisect, statistics, fractions
-    import decimal, cmath, hashlib, datetime, typing
-    data = bytearray()
-    while True:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            break
-        data += chunk
-    os.close(fd)
-    job = json.loads(bytes(data))
-    del data
-    write, exit_now, out_fd, err_fd, tag = os.write, os._exit, os.dup(1), os.dup(2), job["tag"]
-    current_frames, sleep, get_ident = sys._current_frames, time.sleep, _thread.get_ident
-    start_thread, main_ident = _thread.start_new_thread, _thread.get_ident()
-    realpath, fspath, ModuleType, MISSING = os.path.realpath, os.fspath, types.ModuleType, object()
-    tmp = realpath(job["cwd"])
-    deny_read = tuple(realpath(p) for p in job["deny_read"]) + ("/proc", "/sys")
+from pathlib import Path
 
-    def fail(text):
+CODEC = Path(__file__).with_name("plain_data.py").read_text()
+VERDICT_TAG = "COGUMI-VERDICT"  # the runner's last stdout line: COGUMI-VERDICT [passed, reason, judge_error]
+ENDED = "the program ended before answering"
+
+CANDIDATE = r'''
+import sys, os
+def _cogumi_candidate(fd_in, fd_out):
+    import _thread, threading
+''' + "\n".join("    " + line for line in CODEC.splitlines()) + r'''
+    exit_now, start_thread, realpath, fspath = os._exit, _thread.start_new_thread, os.path.realpath, os.fspath
+    message = receive(fd_in)
+    if not message or message[0] != "program":
+        exit_now(3)
+    _, source, cwd, deny = message
+    del message
+    os.chdir(cwd)  # under a mount namespace the interpreter starts in the new root's "/"
+    tmp = realpath(cwd)
+    deny_read = tuple(realpath(p) for p in deny)
+
+    def answer(*message):
         try:
-            write(err_fd, f"\n{tag} failed: {text}\n".encode("utf-8", "replace"))
-        finally:
+            send(fd_out, list(message))
+        except BaseException:
             exit_now(1)
+
+    def described(exc):
+        try:
+            return f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        except BaseException:
+            return "an exception that cannot be printed"
 
     blocked_events = {"os.fork", "os.forkpty", "os.system", "os.posix_spawn", "os.spawn", "os.exec", "os.kill",
                       "os.killpg", "signal.pthread_kill", "subprocess.Popen", "pty.spawn", "resource.setrlimit",
-                      "resource.prlimit", "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace",
-                      "sys.setprofile", "os.setuid", "os.chroot", "sys.addaudithook", "sys._current_exceptions",
-                      "sys._getframemodulename"}
-    blocked_prefixes = ("sys.monitoring", "ctypes.", "socket.", "os.exec", "os.spawn", "os.posix_spawn",
-                        "_posixsubprocess", "winreg.", "mmap.")
+                      "resource.prlimit", "os.setuid", "os.chroot", "sys.addaudithook"}
+    blocked_prefixes = ("ctypes.", "socket.", "os.exec", "os.spawn", "os.posix_spawn", "_posixsubprocess",
+                        "mmap.")
     blocked_modules = {"ctypes", "_ctypes", "_posixsubprocess"}
-    # Frames are the way to the tests' globals and the harness's locals: a frame comes only from these
-    # attributes or sys._getframe, which only stdlib modules that use the frame internally may call.
-    frame_attrs = {"tb_frame", "gi_frame", "cr_frame", "ag_frame"}
-    import dataclasses, enum, logging, warnings
-    frame_users = {m.__file__ for m in (collections, typing, enum, warnings, dataclasses, logging)}
-    getframe = sys._getframe
     write_events = {"os.remove", "os.rmdir", "os.rename", "os.truncate", "os.chmod", "os.chown", "os.link",
                     "os.symlink", "os.mkdir", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.copymode",
                     "shutil.copystat", "shutil.move", "os.chflags", "os.lchown", "os.lchmod", "os.setxattr",
@@ -88,13 +85,6 @@ def _cogumi_main(fd):
             return
         busy.append(1)
         try:
-            if event == "sys._current_frames" and get_ident() != main_ident:
-                raise PermissionError("sandbox: sys._current_frames is not allowed")
-            if event == "sys._getframe" and get_ident() != main_ident:
-                if getframe(1).f_code.co_filename not in frame_users:
-                    raise PermissionError("sandbox: sys._getframe is not allowed")
-            if event == "object.__getattr__" and len(args) > 1 and args[1] in frame_attrs:
-                raise PermissionError(f"sandbox: reading .{args[1]} is not allowed")
             if event in blocked_events or event.startswith(blocked_prefixes):
                 raise PermissionError(f"sandbox: {event} is not allowed")
             if event == "import" and str(args[0]).split(".")[0] in blocked_modules:
@@ -105,8 +95,7 @@ def _cogumi_main(fd):
                     return
                 flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
                 mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
-                writing = bool(flags & write_flags) or any(c in mode for c in "wax+")
-                if writing and not inside(path, (tmp,)):
+                if (flags & write_flags or any(c in mode for c in "wax+")) and not inside(path, (tmp,)):
                     raise PermissionError(f"sandbox: writing {path} is not allowed")
                 if inside(path, deny_read):
                     raise PermissionError(f"sandbox: reading {path} is not allowed")
@@ -119,142 +108,257 @@ def _cogumi_main(fd):
         finally:
             busy.clear()
 
-    # ---- plain data across the boundary
-    scalars = {int, float, complex, bool, str, bytes, type(None)}
-    sequences = {list, tuple, set, frozenset}
-    dict_like = {dict, collections.Counter, collections.OrderedDict, collections.defaultdict}
-
-    def plain(value, where, depth=0):
-        kind = type(value)
-        if kind in scalars:
-            return value
-        if depth > 100:
-            fail(f"{where} returned data nested more than 100 deep (or a cycle)")
-        if kind in sequences:
-            for item in value:
-                plain(item, where, depth + 1)
-            return value
-        if kind in dict_like:
-            value = dict(value) if kind is not dict else value
-            for key, item in value.items():
-                plain(key, where, depth + 1)
-                plain(item, where, depth + 1)
-            return value
-        fail(f"{where} returned an object of type {kind.__name__}, not plain data (int, str, list, dict, ...)")
-
-    # ---- the modules the tests may use: their functions and classes must stay what they were
-    def snapshot(names):
-        out = []
-        for name in names:
-            mod = sys.modules.get(name)
-            if isinstance(mod, ModuleType) and name != "__main__":
-                keep = {k: v for k, v in mod.__dict__.items() if callable(v) or isinstance(v, ModuleType)}
-                out.append((name, mod, mod.__dict__, keep))
-        return out
-
-    def tampered(saved):
-        for name, mod, namespace, keep in saved:
-            if sys.modules.get(name, mod) is not mod or mod.__dict__ is not namespace:
-                return f"sys.modules[{name!r}]"
-            for key, value in keep.items():
-                if namespace.get(key, MISSING) is not value:
-                    return f"{name}.{key}"
-        return None
+    try:
+        program = compile(source, "<program>", "exec")
+    except SyntaxError as exc:
+        answer("broken", f"SyntaxError: {exc.msg} (line {exc.lineno} of the program)")
+        exit_now(1)
+    except BaseException as exc:
+        answer("broken", f"the program cannot be compiled: {described(exc)}")
+        exit_now(1)
+    del source
 
     def refuse_threads(*args, **kwargs):
         raise RuntimeError("sandbox: starting threads is not allowed")
 
-    _thread.start_new_thread = refuse_threads
-    threading._start_new_thread = refuse_threads
-    hot = snapshot(["builtins", "math", "re", "random", "collections", "itertools", "functools", "heapq",
-                    "string", "operator", "copy", "bisect", "statistics", "fractions", "decimal", "cmath",
-                    "hashlib", "sys", "_thread", "threading"])
-    every = snapshot(list(sys.modules))
-
-    def export(program_ns, pristine, entry):
-        exported = {}
-        for name, value in list(program_ns.items()):
-            if name.startswith("__") or isinstance(value, ModuleType) or (name in pristine and name != entry):
+    def serve(done):
+        # Not "__main__": an `if __name__ == "__main__":` demo (often reading input()) must not run.
+        namespace = {"__name__": "__cogumi_program__"}
+        try:
+            exec(program, namespace)
+        except BaseException as exc:
+            answer("broken", described(exc) + " (in the program)")
+            exit_now(1)
+        functions, classes, values = [], [], {}
+        for name, value in list(namespace.items()):
+            if name.startswith("__") or type(value).__name__ == "module":
                 continue
             if isinstance(value, type):
-                exported[name] = constructor(value, name)
+                classes.append(name)
             elif callable(value):
-                exported[name] = wrapped(value, name)
-            elif type(value) in scalars or type(value) in sequences or type(value) in dict_like:
-                exported[name] = plain(value, name)
-        return exported
+                functions.append(name)
+            else:
+                try:
+                    to_plain(value)
+                    values[name] = value
+                except BaseException:
+                    pass  # not plain data: the tests cannot use it, as before
+        answer("ready", functions, classes, values)
+        # Instances of the program's classes that the tests construct stay here; the tests hold handles.
+        objects = {}
 
-    def wrapped(fn, name):
-        def call(*args, **kwargs):
-            result = plain(fn(*args, **kwargs), f"{name}()")
-            patched = tampered(hot)
-            if patched:
-                fail(f"the program patched {patched}")
-            return result
-        return call
+        def ref_of(value):
+            return id(value) if objects.get(id(value)) is value else None
 
-    def constructor(cls, name):
-        def make(*args, **kwargs):
-            obj = cls(*args, **kwargs)
-            if type(obj) is not cls:
-                fail(f"{name}() returned a {type(obj).__name__}, not a {name}")
-            return obj
-        return make
+        def make_ref(handle):
+            return objects[handle]
 
-    # The worker thread runs the program, then the tests. Every way out of it except finishing the tests ends in
-    # os._exit(1), `finally` included, so a program cannot turn a failure into a normal return.
-    def worker(program, tests, pristine, entry, started):
-        stage = "program"
-        started.release()  # from here on this thread has a frame in the thread table until it ends
-        try:
-            # Not "__main__": an `if __name__ == "__main__":` demo (often reading input()) must not run.
-            program_ns = {"__name__": "__cogumi_program__", "__builtins__": dict(pristine)}
-            exec(program, program_ns)
-            stage = "tests"
-            tests_ns = {"__name__": "__cogumi_tests__", "__builtins__": dict(pristine)}
-            tests_ns.update(export(program_ns, pristine, entry))
-            exec(tests, tests_ns)
-        except BaseException as exc:
+        while True:
             try:
-                text = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+                message = receive(fd_in, make_ref)
             except BaseException:
-                text = "an exception that cannot be printed"
+                exit_now(1)
+            if message is None:
+                exit_now(0)
+            kind, handle_refs, args, kwargs = message[0], None, [], {}
             try:
-                fail(text + (" (in the program)" if stage == "program" else ""))
-            finally:
+                if kind == "call":
+                    target = namespace[message[1]]
+                    label, args, kwargs = message[1], message[2], message[3]
+                    result = target(*args, **kwargs)
+                    if isinstance(target, type):
+                        if type(result) is not target:
+                            answer("fail", f"{label}() returned a {type(result).__name__}, not a {label}")
+                            exit_now(1)
+                        objects[id(result)] = result
+                        handle_refs = ref_of
+                elif kind == "getattr":
+                    label = f".{message[2]}"
+                    result = getattr(message[1], message[2])
+                    if callable(result) and ref_of(result) is None:
+                        answer("method")
+                        continue
+                    handle_refs = ref_of
+                elif kind == "setattr":
+                    label = f".{message[2]}"
+                    result = setattr(message[1], message[2], message[3])
+                elif kind == "method":
+                    label, args, kwargs = f".{message[2]}", message[3], message[4]
+                    result = getattr(message[1], message[2])(*args, **kwargs)
+                    handle_refs = ref_of
+                else:
+                    exit_now(1)
+            except BaseException as exc:
+                try:
+                    text = str(exc)[:300]
+                except BaseException:
+                    text = "an exception that cannot be printed"
+                answer("raised", type(exc).__name__, text)
+                continue
+            try:
+                reply = ["return", to_plain(result, 0, handle_refs)]  # trees: sent as they are (send_tree)
+            except BaseException as exc:
+                text = str(exc) if isinstance(exc, NotPlain) else described(exc)
+                answer("fail", f"{label}() returned {text}, not plain data ({PLAIN_TYPES})")
+                exit_now(1)
+            try:
+                reply += [to_plain(args, 0, ref_of), to_plain(kwargs, 0, ref_of)]
+            except BaseException as exc:
+                text = str(exc) if isinstance(exc, NotPlain) else described(exc)
+                answer("fail", f"{label}() left {text} in an argument, not plain data ({PLAIN_TYPES})")
+                exit_now(1)
+            try:
+                send_tree(fd_out, reply)
+            except BaseException:
                 exit_now(1)
 
-    try:
-        program = compile(job["program"], "<program>", "exec")
-    except SyntaxError as exc:
-        fail(f"SyntaxError: {exc.msg} (line {exc.lineno} of the program)")
-    except BaseException as exc:
-        fail(f"the program cannot be compiled: {type(exc).__name__}: {exc}")
-    tests = compile(job["tests"], "<tests>", "exec")
-    started = _thread.allocate_lock()
-    started.acquire()
-    args = (program, tests, types.MappingProxyType(dict(builtins.__dict__)), job.get("entry_point"), started)
-    token = job.pop("token")
-    del job
     sys.addaudithook(hook)
     _thread.stack_size(64 << 20)  # deep recursion in model code needs more than a thread's default stack
-    ident = start_thread(worker, args)
-    del args
-    started.acquire()  # a thread not yet running has no frame: without this the loop below could end at once
-    # The token lives only in this (main) thread's frame, which no frame the program can reach leads to.
-    while ident in current_frames():
-        sleep(0.005)
-    if len(current_frames()) != 1:
-        fail("the program left threads running")
-    patched = tampered(every)
-    if patched:
-        fail(f"the program patched {patched}")
-    for stream in (sys.stdout, sys.stderr):
+    done = _thread.allocate_lock()
+    done.acquire()
+    _thread.start_new_thread = refuse_threads
+    threading._start_new_thread = refuse_threads
+    start_thread(serve, (done,))  # the saved original
+    done.acquire()  # never released: serve() ends the process itself
+_cogumi_candidate(int(sys.argv[1]), int(sys.argv[2]))
+'''
+
+RUNNER = r'''
+import sys, os
+def _cogumi_runner(fd_to, fd_from):
+    import builtins, json
+''' + "\n".join("    " + line for line in CODEC.splitlines()) + r'''
+    job = json.loads(sys.stdin.buffer.read())
+    out, exit_now = os.dup(1), os._exit
+
+    def verdict(passed, reason, judge_error=False):
         try:
-            stream.flush()
+            sys.stdout.flush()
         except BaseException:
             pass
-    write(out_fd, f"\n{token}\n".encode())
-    exit_now(0)
-_cogumi_main(int(sys.argv[1]))
-'''
+        os.write(out, ("\n" + TAG + " " + json.dumps([passed, reason, judge_error]) + "\n").encode())
+        exit_now(0)
+
+    remotes = {}
+
+    class Remote:
+        """An object of the program's class (one the tests constructed): it stays in the candidate's process;
+        attributes and methods are calls there. Compared by identity here, never by the program's __eq__."""
+        __slots__ = ("_handle",)
+
+        def __init__(self, handle):
+            object.__setattr__(self, "_handle", handle)
+
+        def __getattr__(self, name):
+            handle = object.__getattribute__(self, "_handle")
+            reply = exchange(["getattr", {"t": "ref", "v": handle}, name])
+            if reply == ["method"]:
+                def method(*args, **kwargs):
+                    request = outgoing(["method", self, name, list(args), kwargs], name)
+                    return returned(exchange(request), args, kwargs)
+                return method
+            return returned(reply, (), {})
+
+        def __setattr__(self, name, value):
+            returned(exchange(outgoing(["setattr", self, name, value], name)), (), {})
+
+    def ref_of(value):
+        return object.__getattribute__(value, "_handle") if type(value) is Remote else None
+
+    def make_ref(handle):
+        if handle not in remotes:
+            remotes[handle] = Remote(handle)
+        return remotes[handle]
+
+    def exchange(tree):
+        try:
+            send_tree(fd_to, tree)
+            reply = receive(fd_from, make_ref)
+        except (OSError, ValueError, RecursionError, TypeError, MemoryError) as exc:
+            if isinstance(exc, OSError):
+                verdict(False, "failed: " + ENDED)
+            verdict(False, f"failed: the program answered with something other than plain data "
+                           f"({type(exc).__name__}: {str(exc)[:200]})")
+        if reply is None:
+            verdict(False, "failed: " + ENDED)
+        if type(reply) is not list or not reply:
+            verdict(False, "failed: the program answered out of turn")
+        return reply
+
+    def outgoing(message, name):
+        try:
+            return to_plain(message, 0, ref_of)
+        except NotPlain as exc:
+            verdict(False, f"judge_error: the tests pass {exc} to {name}(): it cannot cross to the "
+                           f"program's process", judge_error=True)
+
+    ready = exchange(to_plain(["program", job["program"], job["cwd"], job["deny_read"]]))
+    if ready[0] == "broken":
+        verdict(False, "failed: " + str(ready[1]))
+    if (ready[0] != "ready" or len(ready) != 4 or type(ready[1]) is not list or type(ready[2]) is not list
+            or type(ready[3]) is not dict):
+        verdict(False, "failed: the program answered out of turn")
+    _, functions, classes, values = ready
+
+    class CandidateError(Exception):
+        """An exception of the program's own class, re-raised here by name and message."""
+
+    def same_shape_update(old, new):  # an argument the program changed in place changes here too
+        if old == new or type(old) is not type(new):
+            return
+        if type(old) is list:
+            old[:] = new
+        elif type(old) is dict or type(old) is set:
+            old.clear()
+            old.update(new)
+
+    def returned(reply, args, kwargs):
+        kind = reply[0]
+        if kind == "return" and len(reply) == 4 and type(reply[2]) is list and type(reply[3]) is dict:
+            for old, new in zip(args, reply[2]):
+                same_shape_update(old, new)
+            for key, old in kwargs.items():
+                same_shape_update(old, reply[3].get(key))
+            return reply[1]
+        if kind == "raised" and len(reply) == 3:
+            exc_type = getattr(builtins, str(reply[1]), None)
+            if isinstance(exc_type, type) and issubclass(exc_type, Exception) and exc_type is not StopIteration:
+                raise exc_type(str(reply[2]))
+            raise CandidateError(str(reply[2]))
+        if kind == "fail":
+            verdict(False, "failed: " + str(reply[1]))
+        verdict(False, "failed: the program answered out of turn")
+
+    def proxy(name):
+        def call(*args, **kwargs):
+            return returned(exchange(outgoing(["call", name, list(args), kwargs], name)), args, kwargs)
+        call.__name__ = call.__qualname__ = name
+        return call
+
+    tests_ns = {"__name__": "__cogumi_tests__"}
+    entry = job.get("entry_point")
+    if job.get("prelude"):
+        exec(compile(job["prelude"], "<prelude>", "exec"), tests_ns)
+    trusted = {n for n in tests_ns if n != entry}
+
+    def exported(name):  # what the program may name in the tests' namespace
+        return (type(name) is str and name.isidentifier() and not name.startswith("__") and name not in trusted
+                and (name == entry or not hasattr(builtins, name)))
+
+    for name in [*functions, *classes]:
+        if exported(name):
+            tests_ns[name] = proxy(name)
+    for name, value in values.items():
+        if exported(name):
+            tests_ns[name] = value
+    try:
+        exec(compile(job["tests"], "<tests>", "exec"), tests_ns)
+    except BaseException as exc:
+        try:
+            text = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+        except BaseException:
+            text = "an exception that cannot be printed"
+        verdict(False, "failed: " + text)
+    verdict(True, "passed")
+_cogumi_runner(int(sys.argv[1]), int(sys.argv[2]))
+'''.replace("TAG + ", repr(VERDICT_TAG) + " + ").replace("+ ENDED", "+ " + repr(ENDED))
