@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from cogumi.core.errors import UserError
+from cogumi.core.integrity import weights_sha256
+from cogumi.core.manifest import write_manifest
 from cogumi.core.stamp import VALIDATED_STAMP
 from cogumi.evaluate.generate import end_of_turn_ids, generate, load_model, tokens_until_stop
 from cogumi.evaluate.pairing import check_gates, evaluate_gates, summarize
@@ -147,6 +149,8 @@ def _validate_setup(tmp_path: Path, tiny_model_dir: Path, gates: dict) -> tuple[
     """A candidate folder, local MATH and CODE tasks, and a stored baseline right on m1, m2 and c1 only."""
     candidate = tmp_path / "phasex_merged"
     shutil.copytree(tiny_model_dir, candidate)
+    # a finished merge's manifest: validation judges and stamps only weights whose every file hash is recorded
+    write_manifest(candidate, "merged", base_model="tiny", weights_sha256=weights_sha256(candidate))
     for name, rows in (("math", MATH_ROWS), ("code", CODE_ROWS)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     baseline_rows = [{"task": "math", "id": r["id"], "prompt": r["prompt"],
