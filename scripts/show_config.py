@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
-from cogumi.core.config import load_config, phase_config_path
+from cogumi.core.config import load_config, phase_config_path, resolved_yaml
 from cogumi.core.errors import EXIT_OK, run_main
 from cogumi.evaluate.pairing import check_gates
 
@@ -22,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(path, args.overrides)
     check_gates(config.validate.gates, list(config.validate.tasks), source=f"{args.phase}: validate.gates")
     print(f"# {path} with {' '.join(args.overrides) or 'no overrides'}: checked; outputs in {config.run_dir}")
-    print(yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None).rstrip())
+    print(resolved_yaml(config))
     return EXIT_OK
 
 

@@ -24,7 +24,7 @@ import logging
 from contextlib import nullcontext
 
 from cogumi.core import runlock
-from cogumi.core.config import load_config, phase_config_path, save_resolved
+from cogumi.core.config import load_config, phase_config_path, resolved_yaml, save_resolved
 from cogumi.core.errors import EXIT_OK, note_on_interrupt, run_main
 from cogumi.core.switches import switch
 from cogumi.core.tracking import track_phase
@@ -79,7 +79,8 @@ def train(config, runtime, phase: str, overrides: list[str], *, fresh: bool, all
     # One line, not the whole config: a refusal below must be the first screen the user sees. The resolved config
     # goes to config.resolved.yaml once the checks pass (`make config` prints it without starting a run).
     log.info("config %s -> outputs in %s", phase, config.run_dir)
-    log.debug("resolved config:\n%s", _resolved_yaml(config))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("resolved config:\n%s", resolved_yaml(config))
     rows = read_data(config.data)  # a missing or malformed data file fails in seconds, not after a 16 GB download
     # Refuses quantized, unvalidated, changed-since-validated and misreadable bases, and unknown LoRA targets,
     # before any weight loads.
@@ -139,12 +140,6 @@ def finish(config, model, base, runtime, result, next_step: str) -> None:
     adapter = export_adapter(config, model, base, runtime, result)
     plot = plot_loss(config.run_dir / TRAIN_LOG, config.run_dir / "loss.png", title=config.name)
     print(summary(config, result, adapter, plot, next_step))
-
-
-def _resolved_yaml(config) -> str:
-    import yaml
-
-    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None).rstrip()
 
 
 if __name__ == "__main__":

@@ -162,18 +162,21 @@ def resolve_path(path: str) -> Path:
 
 def phase_config_path(phase: str) -> Path:
     """`1a` -> configs/phase1a.yaml; `demo` -> configs/demo.yaml; a path is taken as given."""
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     if not phase.strip() or "=" in phase:
         # `make train PHASE= ARGS=k=v` put the first override where the phase goes.
         raise UserError(f"no phase given (got {phase!r} where the phase name goes)", where="PHASE / --phase",
-                        fix=f"name one: PHASE=1a (configs: {', '.join(known)})")
+                        fix=f"name one: PHASE=1a (configs: {', '.join(_known_phases())})")
     if phase.endswith((".yaml", ".yml")):
         return Path(phase)
     for candidate in (CONFIG_DIR / f"phase{phase}.yaml", CONFIG_DIR / f"{phase}.yaml"):
         if candidate.exists():
             return candidate
     raise UserError(f"no config for phase '{phase}'", where=str(CONFIG_DIR),
-                    fix=f"use one of: {', '.join(known)} (e.g. `make train PHASE=1a`)")
+                    fix=f"use one of: {', '.join(_known_phases())} (e.g. `make train PHASE=1a`)")
+
+
+def _known_phases() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def _build(cls, values: dict, source: str, prefix: str = ""):
@@ -359,6 +362,11 @@ def _check_checkpointing(train: TrainConfig, source: str) -> None:
     if train.memory_budget_gib is not None and (layers != "auto" or train.memory_budget_gib <= 0):
         raise UserError("train.memory_budget_gib is the budget of checkpoint_layers=auto's memory probe (> 0 GiB)",
                         where=source, fix="set train.checkpoint_layers=auto, or train.memory_budget_gib=null")
+
+
+def resolved_yaml(config: PhaseConfig) -> str:
+    """The resolved config as compact YAML, for a screen (`make config`, the train log at DEBUG)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None).rstrip()
 
 
 def save_resolved(config: PhaseConfig, path: Path) -> None:
