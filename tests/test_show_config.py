@@ -65,3 +65,10 @@ def test_a_refused_run_shows_its_refusal_first_not_after_the_config(tmp_path, ti
     lines = (done.stdout + done.stderr).strip().splitlines()
     first = next(i for i, line in enumerate(lines) if "ERROR" in line)
     assert first <= 5 and len(lines) <= 15, "\n".join(lines)  # it came after ~55 lines of resolved config
+
+
+def test_a_config_path_with_an_equals_sign_is_still_a_path(tmp_path):
+    from cogumi.core.config import phase_config_path
+
+    path = tmp_path / "run=2" / "my.yaml"
+    assert phase_config_path(str(path)) == path

@@ -162,12 +162,12 @@ def resolve_path(path: str) -> Path:
 
 def phase_config_path(phase: str) -> Path:
     """`1a` -> configs/phase1a.yaml; `demo` -> configs/demo.yaml; a path is taken as given."""
+    if phase.endswith((".yaml", ".yml")):
+        return Path(phase)
     if not phase.strip() or "=" in phase:
         # `make train PHASE= ARGS=k=v` put the first override where the phase goes.
         raise UserError(f"no phase given (got {phase!r} where the phase name goes)", where="PHASE / --phase",
                         fix=f"name one: PHASE=1a (configs: {', '.join(_known_phases())})")
-    if phase.endswith((".yaml", ".yml")):
-        return Path(phase)
     for candidate in (CONFIG_DIR / f"phase{phase}.yaml", CONFIG_DIR / f"{phase}.yaml"):
         if candidate.exists():
             return candidate
