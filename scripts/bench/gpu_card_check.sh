@@ -9,6 +9,8 @@
 # The card is asked for the same STEPS (train.max_steps), so its train line is comparable as it is; merge and
 # validate are the phase's own (validation of every problem). Everything is written under WORK (runs/, card.json,
 # logs, times.json); the phase's own run folder is never touched. PHASE=demo runs the same check on a CPU.
+# ONLY="rehearse train" then ONLY="merge validate" splits it over two calls of a GPU box with a per-call time limit
+# (each step's wall time is kept in WORK/<step>.seconds; the table is printed once all four are there).
 # Exit 0 when every step ran (validation exit 1, gates failed on a short train, counts as ran), 2 otherwise.
 set -uo pipefail
 if [ $# -lt 2 ]; then
@@ -26,19 +28,20 @@ mkdir -p "$WORK"
 # make bench-card hands ARGS over as one string (never pasted into shell text): split into words, nothing expanded
 read -ra EXTRA <<< "${COGUMI_ARGS:-}"
 OVERRIDES="base_model=$BASE data.train_path=$DATA output_root=$WORK/runs train.max_steps=$STEPS $* ${EXTRA[*]}"
-declare -A SECONDS_OF
+ONLY=" ${ONLY:-rehearse train merge validate} "
 
 # step NAME OK_CODES make TARGET ...: run it, log it, keep its wall time; any other exit code stops the check.
 # make says 2 for every failure: the script's own code comes from LAST_EXIT (the Makefile's RUN macro writes it).
 step() {
   local name=$1 ok=$2 started code
   shift 2
+  [[ "$ONLY" == *" $name "* ]] || return 0
   echo "== $name: $*"
   rm -f "$WORK/$name.exit"
   started=$EPOCHREALTIME
   "$@" LAST_EXIT="$WORK/$name.exit" 2>&1 | tee "$WORK/$name.log"
   code=${PIPESTATUS[0]}
-  SECONDS_OF[$name]=$(awk "BEGIN { print $EPOCHREALTIME - $started }")
+  awk "BEGIN { print $EPOCHREALTIME - $started }" > "$WORK/$name.seconds"
   [ -s "$WORK/$name.exit" ] && code=$(cat "$WORK/$name.exit")
   if [[ " $ok " != *" $code "* ]]; then
     echo "gpu_card_check: $name exited $code (log: $WORK/$name.log)" >&2
@@ -51,8 +54,11 @@ RESUME=0 FORCE=1 step train "0" make train PHASE="$PHASE" ARGS="$OVERRIDES"
 FORCE=1 step merge "0" make merge PHASE="$PHASE" ARGS="$OVERRIDES"
 step validate "0 1" make validate PHASE="$PHASE" ARGS="$OVERRIDES"
 
-"$PY" - "$WORK/card.json" "$WORK/times.json" "${SECONDS_OF[train]}" "${SECONDS_OF[merge]}" \
-  "${SECONDS_OF[validate]}" <<'EOF'
+for name in train merge validate; do
+  [ -s "$WORK/$name.seconds" ] || { echo "gpu_card_check: $name not timed yet (ONLY=\"$name\" runs it)"; exit 0; }
+done
+"$PY" - "$WORK/card.json" "$WORK/times.json" "$(cat "$WORK/train.seconds")" "$(cat "$WORK/merge.seconds")" \
+  "$(cat "$WORK/validate.seconds")" <<'EOF'
 import json, sys
 card = json.load(open(sys.argv[1]))
 real = dict(zip(("train", "merge", "validate"), map(float, sys.argv[3:6])))
