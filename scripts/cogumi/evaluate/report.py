@@ -17,7 +17,8 @@ import json
 import logging
 from pathlib import Path
 
-from cogumi.core.errors import UserError
+from cogumi.core import fsutil
+from cogumi.core.errors import EXIT_DISK_STOP, UserError
 from cogumi.core.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, iter_jsonl
 from cogumi.evaluate.pairing import OUTCOMES, RATE_METRICS, GateResult, describe_gate, unreachable
 
@@ -28,9 +29,29 @@ COLORS = {"win": "#2e7d32", "tie_right": "#90caf9", "tie_wrong": "#b0bec5", "los
 LABELS = {"win": "win", "tie_right": "tie (both right)", "tie_wrong": "tie (both wrong)", "loss": "loss"}
 
 
+class ReportDiskStop(UserError):
+    """The disk filled while writing the reports: each file is written under a temporary name first, so none is
+    half-written; the same command writes them all again."""
+
+    exit_code = EXIT_DISK_STOP
+
+
 def write_reports(out_dir: Path, report: dict, samples: list[dict]) -> dict[str, Path]:
-    """Write the four report files; returns their paths by name."""
-    out_dir = Path(out_dir)
+    """Write the four report files; returns their paths by name. A full disk is exit 3, not a traceback."""
+    from cogumi.merge.output_dir import human_bytes, is_disk_full  # one disk-full test for every stage
+
+    try:
+        return _write_reports(Path(out_dir), report, samples)
+    except OSError as err:
+        if not is_disk_full(err, Path(out_dir)):
+            raise
+        raise ReportDiskStop("the disk filled while writing the validation reports; no report file is "
+                             "half-written (report.json, written last, marks a complete set)", where=str(out_dir),
+                             fix=f"free space there ({human_bytes(fsutil.free_bytes(Path(out_dir)))} free now), "
+                                 "then run the same command again") from err
+
+
+def _write_reports(out_dir: Path, report: dict, samples: list[dict]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in REPORT_FILES}
     atomic_write_text(paths["samples.jsonl"], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in samples))
