@@ -2,20 +2,29 @@
 `make validate` flow as a real subprocess (exit code and VALIDATED stamp follow the gates)."""
 
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cogumi.core.errors import UserError
+from cogumi.core.errors import EXIT_DISK_STOP, UserError
 from cogumi.core.integrity import weights_sha256
 from cogumi.core.manifest import write_manifest
 from cogumi.core.stamp import VALIDATED_STAMP
 from cogumi.evaluate.generate import end_of_turn_ids, generate, load_model, tokens_until_stop
 from cogumi.evaluate.pairing import check_gates, evaluate_gates, summarize
 from cogumi.evaluate.records import Problem
-from cogumi.evaluate.report import baseline_outputs, read_baseline_samples, render_markdown, write_reports
+from cogumi.evaluate.report import (
+    REPORT_FILES,
+    ReportDiskStop,
+    baseline_outputs,
+    read_baseline_samples,
+    render_markdown,
+    write_reports,
+)
 
 # --- generation ----------------------------------------------------------------------------------------------
 
@@ -233,3 +242,37 @@ def test_model_baseline_identical_weights_tie_everywhere(tmp_path, tiny_model_di
     assert (candidate / VALIDATED_STAMP).exists()
     with pytest.raises(UserError, match="the baseline is the candidate itself"):
         benchmark.main(["--phase", str(config), "--baseline", str(candidate)])
+
+
+# A full disk while validation writes its reports: exit 3 with the disk message, nothing half-written under a final
+# name, and a rerun with space finishes (ISSUES_LOG B85). Real tmpfs, filled deterministically.
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_is_exit_3_and_rerun_finishes(small_disk):
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as fh:  # fill to the last byte: the first report write hits ENOSPC
+        try:
+            while True:
+                fh.write(b"\0" * 4096)
+        except OSError:
+            pass
+    report = _report(passed=True)
+    samples = [{"task": "math", "id": str(i), "outcome": "win"} for i in range(100)]
+    out = small_disk / "validation"
+    with pytest.raises(ReportDiskStop) as caught:
+        write_reports(out, report, samples)
+    assert caught.value.exit_code == EXIT_DISK_STOP
+    assert "disk filled" in caught.value.render()
+    assert not any((out / name).exists() for name in REPORT_FILES)
+    assert not out.exists() or not list(out.iterdir())  # no temporary file left either
+    os.unlink(filler)
+    paths = write_reports(out, report, samples)
+    assert all(paths[name].exists() for name in REPORT_FILES)
